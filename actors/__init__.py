@@ -1,0 +1,1 @@
+"""Supervised asyncio actors: the runtime and one actor per module."""
