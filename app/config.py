@@ -1,0 +1,191 @@
+"""Settings: one frozen object read from ``HEARTH_*`` environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from app.errors import ConfigError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+def setting(env: str, default: Any, doc: str, *, minimum: float | None = None) -> Any:
+    """Declare one setting read from the environment variable *env*.
+
+    *default* is used when the variable is unset or empty, *doc* goes into the README table,
+    and numbers below *minimum* are refused.
+    """
+    return field(default=default, metadata={"env": env, "doc": doc, "minimum": minimum})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of a hearth instance; see README.rst for the table."""
+
+    host: str = setting("HEARTH_HOST", "127.0.0.1", "Interface to listen on.")
+    port: int = setting("HEARTH_PORT", 8080, "TCP port to listen on.", minimum=0)
+    database_url: str = setting(
+        "HEARTH_DATABASE_URL",
+        "postgresql://hearth@127.0.0.1:55432/hearth",
+        "PostgreSQL DSN: a libpq key=value string or a postgresql:// URL.",
+    )
+    redis_url: str = setting(
+        "HEARTH_REDIS_URL", "", "redis:// URL. Empty means local-only mode, no Redis."
+    )
+    log_level: str = setting("HEARTH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR.")
+    log_dir: str = setting(
+        "HEARTH_LOG_DIR", "var/log", "Folder for hearth.log and errors.log. Empty: stdout only."
+    )
+    log_rotation_mb: float = setting(
+        "HEARTH_LOG_ROTATION_MB", 10.0, "Size at which a log file rotates.", minimum=0.01
+    )
+    log_retention: int = setting(
+        "HEARTH_LOG_RETENTION", 5, "How many rotated log files to keep.", minimum=1
+    )
+    mailbox_size: int = setting(
+        "HEARTH_MAILBOX_SIZE", 1000, "Capacity of each actor's mailbox.", minimum=1
+    )
+    stall_timeout: float = setting(
+        "HEARTH_STALL_TIMEOUT",
+        30.0,
+        "Seconds an actor may hold queued mail without progress before the watchdog "
+        "restarts it.",
+        minimum=0.1,
+    )
+    restart_initial: float = setting(
+        "HEARTH_RESTART_INITIAL", 1.0, "First restart delay of a crashed actor (s).", minimum=0
+    )
+    restart_max: float = setting(
+        "HEARTH_RESTART_MAX", 30.0, "Cap on the restart delay (s).", minimum=0
+    )
+    restart_intensity: int = setting(
+        "HEARTH_RESTART_INTENSITY",
+        5,
+        "Restarts allowed within HEARTH_RESTART_PERIOD before an actor is marked failed.",
+        minimum=1,
+    )
+    restart_period: float = setting(
+        "HEARTH_RESTART_PERIOD", 60.0, "Window for the restart intensity (s).", minimum=1
+    )
+    restart_stable_after: float = setting(
+        "HEARTH_RESTART_STABLE_AFTER",
+        60.0,
+        "Seconds of uptime after which an actor's backoff resets.",
+        minimum=0,
+    )
+    db_timeout: float = setting(
+        "HEARTH_DB_TIMEOUT",
+        5.0,
+        "Deadline of every pool acquire and SQL statement (s); a hung server turns into "
+        "a timeout, never a hang.",
+        minimum=0.1,
+    )
+    db_pool_size: int = setting(
+        "HEARTH_DB_POOL_SIZE", 10, "Most PostgreSQL connections in the pool.", minimum=1
+    )
+    db_ping_interval: float = setting(
+        "HEARTH_DB_PING_INTERVAL", 5.0, "Seconds between DbMonitor pings.", minimum=0.05
+    )
+    slow_query_ms: float = setting(
+        "HEARTH_SLOW_QUERY_MS", 1000.0, "Queries slower than this are logged at WARN.", minimum=0
+    )
+    spool_dir: str = setting(
+        "HEARTH_SPOOL_DIR", "var/spool", "Folder of the durable publish spool."
+    )
+    spool_max_mb: float = setting(
+        "HEARTH_SPOOL_MAX_MB",
+        64.0,
+        "Spool size bound; past it a publish gets 503 with retry_after.",
+        minimum=0.001,
+    )
+    message_key: str = setting(
+        "HEARTH_MESSAGE_KEY",
+        "",
+        "Encryption at rest: comma-separated key_id:base64 AES keys, current first. "
+        "Empty: off.",
+    )
+    max_content_length: int = setting(
+        "HEARTH_MAX_CONTENT_LENGTH", 4096, "Longest message content, in characters.", minimum=1
+    )
+    shutdown_timeout: float = setting(
+        "HEARTH_SHUTDOWN_TIMEOUT", 10.0, "Deadline for a graceful stop (s).", minimum=0.1
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from *environ* (default ``os.environ``).
+
+        Raises `ConfigError` naming the first invalid variable.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"], "").strip()
+            if raw:
+                values[f.name] = _parse(f, raw)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Check cross-field rules; raises `ConfigError`."""
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(variable="HEARTH_LOG_LEVEL", reason=f"must be one of {LOG_LEVELS}")
+        if self.port > 65535:
+            raise ConfigError(variable="HEARTH_PORT", reason="must be at most 65535")
+        if self.restart_max < self.restart_initial:
+            raise ConfigError(
+                variable="HEARTH_RESTART_MAX", reason="must not be below HEARTH_RESTART_INITIAL"
+            )
+        _check_dsn(self.database_url)
+        if self.message_key:
+            from app.crypto import parse_keys
+
+            try:
+                parse_keys(self.message_key)
+            except ValueError as exc:
+                raise ConfigError(variable="HEARTH_MESSAGE_KEY", reason=str(exc)) from None
+        if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(variable="HEARTH_REDIS_URL", reason="must be a redis:// URL")
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, str, str]]:
+        """Return ``(variable, default, description)`` rows for the README table."""
+        return [
+            (f.metadata["env"], str(f.default), f.metadata["doc"]) for f in dataclasses.fields(cls)
+        ]
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    env = f.metadata["env"]
+    kind = type(f.default)
+    try:
+        if kind is bool:
+            lowered = raw.lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            value: Any = lowered in ("1", "true", "yes", "on")
+        else:
+            value = kind(raw)
+    except ValueError:
+        raise ConfigError(variable=env, reason=f"must be a {kind.__name__}") from None
+    minimum = f.metadata["minimum"]
+    if minimum is not None and value < minimum:
+        raise ConfigError(variable=env, reason=f"must be at least {minimum}")
+    return value
+
+
+def _check_dsn(dsn: str) -> None:
+    if "://" in dsn:
+        if urlsplit(dsn).scheme not in ("postgresql", "postgres"):
+            raise ConfigError(
+                variable="HEARTH_DATABASE_URL", reason="must be a postgresql:// URL or libpq DSN"
+            )
+    elif "=" not in dsn:
+        raise ConfigError(
+            variable="HEARTH_DATABASE_URL", reason="must be a postgresql:// URL or libpq DSN"
+        )

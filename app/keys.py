@@ -1,0 +1,20 @@
+"""Typed keys for everything stored on the aiohttp application."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from actors.supervisor import Supervisor
+    from app.config import Settings
+
+#: The settings the app was built with.
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+#: The supervisor running every actor.
+SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor")
+#: Set once shutdown begins; readiness turns 503 at once.
+DRAINING: web.AppKey[dict[str, bool]] = web.AppKey("draining")
+#: Monotonic time the app started, for uptime.
+STARTED_AT: web.AppKey[float] = web.AppKey("started_at")

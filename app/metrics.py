@@ -1,0 +1,25 @@
+"""Every Prometheus metric hearth exports, defined once."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+#: Time spent in each SQL statement, by operation and table.
+DB_QUERY_SECONDS = Histogram(
+    "hearth_db_query_seconds", "SQL statement latency.", ["operation", "table"]
+)
+#: SQL statements that raised, by operation and table.
+DB_QUERY_ERRORS = Counter(
+    "hearth_db_query_errors_total", "SQL statements that failed.", ["operation", "table"]
+)
+#: Transactions rolled back, and those retried after a serialization failure or deadlock.
+DB_ROLLBACKS = Counter("hearth_db_rollbacks_total", "Transactions rolled back.", ["name"])
+DB_TX_RETRIES = Counter("hearth_db_tx_retries_total", "Transactions retried.", ["name"])
+#: 1 for the DbMonitor's current state, 0 for the others.
+DB_STATE = Gauge("hearth_db_state", "Database connection state.", ["state"])
+#: Last ping round trip.
+DB_PING_SECONDS = Gauge("hearth_db_ping_seconds", "Latency of the last database ping.")
+#: Publishes by outcome: stored, spooled, refused.
+PUBLISHES = Counter("hearth_publishes_total", "Publishes by outcome.", ["outcome"])
+#: Records waiting in the spool.
+SPOOL_DEPTH = Gauge("hearth_spool_depth", "Messages waiting in the spool.")

@@ -1,0 +1,70 @@
+"""The application factory: routes, middleware and the lifecycle of every resource."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from prometheus_async.aio.web import server_stats
+
+from actors.base import Actor
+from actors.supervisor import Supervisor
+from app import health, keys
+from app.config import Settings
+from app.log import get_logger
+from app.middleware import trace_middleware
+from app.resilience import Backoff
+
+log = get_logger("web")
+
+#: Builds the actors an instance runs, in start order.
+ActorFactory = Callable[[web.Application], list[Actor]]
+
+
+def default_actors(app: web.Application) -> list[Actor]:
+    """The actors every instance runs, in start order."""
+    return []
+
+
+def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> web.Application:
+    """Build the hearth application for *settings*; no I/O happens until it starts.
+
+    *actors* builds the supervised actors when the app starts; tests pass their own.
+    """
+    app = web.Application(middlewares=[trace_middleware])
+    app[keys.SETTINGS] = settings
+    app[keys.DRAINING] = {"draining": False}
+    app[keys.STARTED_AT] = time.monotonic()
+    app.add_routes(health.routes)
+    app.router.add_get("/metrics", server_stats)
+    app.cleanup_ctx.append(_supervisor_ctx(actors))
+    app.on_shutdown.append(_begin_draining)
+    return app
+
+
+def _supervisor_ctx(actors: ActorFactory):
+    async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[keys.SETTINGS]
+        supervisor = Supervisor(
+            actors(app),
+            intensity=settings.restart_intensity,
+            period=settings.restart_period,
+            backoff=Backoff(initial=settings.restart_initial, max_delay=settings.restart_max),
+            stable_after=settings.restart_stable_after,
+            shutdown_timeout=settings.shutdown_timeout,
+        )
+        app[keys.SUPERVISOR] = supervisor
+        await supervisor.start()
+        log.info("supervisor started")
+        yield
+        await supervisor.stop()
+        log.info("supervisor stopped")
+
+    return supervisor_ctx
+
+
+async def _begin_draining(app: web.Application) -> None:
+    app[keys.DRAINING]["draining"] = True
+    log.info("draining: readiness now reports 503")
+
