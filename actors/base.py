@@ -1,0 +1,331 @@
+"""The actor runtime: a bounded mailbox, gen_server-style cast and call, lifecycle hooks, timers."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from app.errors import ActorCrashed, ActorTimeout, AppError, MailboxFull
+
+__all__ = ["Actor", "ActorState", "Timer", "describe_error"]
+
+#: Boundaries where a CamelCase class name takes an underscore: ``HTTPPing`` -> ``http_ping``.
+_WORD_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+class ActorState(enum.StrEnum):
+    """Where an actor is in its life, as the dashboard and readiness probe show it."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+def describe_error(error: BaseException) -> dict[str, str]:
+    """Summarize *error* safely for clients: its type name and, for an AppError, its code.
+
+    ``str(error)`` is never used: an arbitrary exception may carry a DSN or a SQL statement.
+    """
+    code = error.code if isinstance(error, AppError) else AppError.code
+    return {"type": type(error).__name__, "message": code}
+
+
+@functools.cache
+def _handler_name(message_type: type) -> str:
+    return "_handle_" + _WORD_BOUNDARY.sub("_", message_type.__name__).lower()
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """A mailbox envelope for :meth:`Actor.call`: the message and where its reply goes."""
+
+    message: object
+    reply: asyncio.Future[Any]
+
+
+class Timer:
+    """A message an actor sends itself later, once or every interval; :meth:`cancel` stops it."""
+
+    def __init__(self, actor: Actor, delay: float, message: object, *, repeat: bool) -> None:
+        self._actor = actor
+        self._delay = delay
+        self._message = message
+        self._repeat = repeat
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(delay, self._fire)
+
+    def cancel(self) -> None:
+        """Stop the timer; a message already in the mailbox stays there."""
+        self._handle.cancel()
+        self._actor._timers.discard(self)
+
+    def _fire(self) -> None:
+        if self._repeat:
+            self._handle = self._loop.call_later(self._delay, self._fire)
+        else:
+            self._actor._timers.discard(self)
+        message = self._message() if callable(self._message) else self._message
+        try:
+            self._actor.cast(message)
+        except MailboxFull:
+            # Already counted in mailbox_rejections; a missed tick is no reason to crash.
+            pass
+
+
+class Actor:
+    """A supervised unit with a bounded mailbox, handling one message at a time.
+
+    Subclasses define one ``_handle_<message>`` coroutine per message class (``FooBar`` goes
+    to ``_handle_foo_bar``) and rebuild their state in :meth:`on_start`, which runs on every
+    (re)start. The mailbox belongs to the object, so it survives restarts.
+
+    *name* identifies the actor in logs and status, *mailbox_capacity* bounds the mailbox,
+    *stall_timeout* is how long a backlog may sit without progress before :meth:`is_stalled`
+    says so, and *clock* (monotonic seconds) is injectable for tests.
+    """
+
+    #: Whether the actor is ready as soon as :meth:`on_start` returns; if not, it calls
+    #: :meth:`mark_ready` itself when it is.
+    ready_after_start: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        name: str,
+        mailbox_capacity: int = 1000,
+        stall_timeout: float = 30.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        #: Unique name within a supervisor; shown in logs and status.
+        self.name = name
+        #: Seconds a non-empty mailbox may go without progress before the actor counts as stalled.
+        self.stall_timeout = stall_timeout
+        #: Monotonic clock in seconds.
+        self.clock = clock
+        #: The bounded mailbox; it outlives every incarnation.
+        self.mailbox: asyncio.Queue[object] = asyncio.Queue(maxsize=mailbox_capacity)
+        #: Highest mailbox depth seen.
+        self.mailbox_peak = 0
+        #: Messages refused because the mailbox was full.
+        self.mailbox_rejections = 0
+        #: Messages handled, across incarnations.
+        self.processed = 0
+        #: Clock reading of the last progress: a handled message, or a message after idling.
+        self.last_progress = clock()
+        #: Clock reading when the current incarnation started; None between incarnations.
+        self.started_at: float | None = None
+        #: Set once the current incarnation is ready; cleared when it ends.
+        self.ready = asyncio.Event()
+        #: Lifecycle state. The actor moves itself through starting, running and stopped;
+        #: the supervisor sets restarting and failed, and failed sticks until it clears it.
+        self.state = ActorState.STOPPED
+        #: Restarts so far; written by the supervisor.
+        self.restarts = 0
+        #: Times a watchdog found the actor stalled; written by the supervisor.
+        self.stalls = 0
+        #: Safe summary of the last crash (see :func:`describe_error`), or None.
+        self.last_error: dict[str, str] | None = None
+        self._timers: set[Timer] = set()
+        self._handlers: dict[type, Callable[[Any], Awaitable[Any]]] = {}
+        self._waiting = False
+        self._finishing = False
+
+    async def on_start(self) -> None:
+        """Build the state of a new incarnation; runs on every (re)start."""
+
+    async def on_stop(self) -> None:
+        """Release what :meth:`on_start` built; runs whenever an incarnation ends."""
+
+    def extra_status(self) -> dict[str, Any]:
+        """Subclass details for :meth:`status`, such as breaker states or pool stats."""
+        return {}
+
+    def cast(self, message: object) -> None:
+        """Put *message* in the mailbox without waiting.
+
+        Raises :class:`~app.errors.MailboxFull` when the mailbox is at capacity.
+        """
+        self._put(message)
+
+    async def call(self, message: object, timeout: float = 5.0) -> Any:  # noqa: ASYNC109 (gen_server call/2)
+        """Send *message* and return the handler's reply, waiting at most *timeout* seconds.
+
+        Raises :class:`~app.errors.MailboxFull` when the mailbox is at capacity and
+        :class:`~app.errors.ActorTimeout` when no reply comes in time. If the handler raises,
+        the actor crashes and the caller gets the error: an AppError as is, anything else as
+        :class:`~app.errors.ActorCrashed` chained from it.
+        """
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._put(_Call(message, reply))
+        scope = asyncio.timeout(timeout)
+        try:
+            async with scope:
+                return await reply
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise  # The handler's own TimeoutError, not ours.
+            raise ActorTimeout(
+                f"{self.name} did not answer {type(message).__name__} within {timeout}s"
+            ) from exc
+
+    def send_after(self, delay: float, message: object) -> Timer:
+        """Cast *message* to this actor after *delay* seconds.
+
+        The timer belongs to the current incarnation and is cancelled when it ends; setting
+        one between incarnations raises RuntimeError.
+        """
+        return self._add_timer(delay, message, repeat=False)
+
+    def send_every(self, interval: float, message: object) -> Timer:
+        """Cast *message* to this actor every *interval* seconds, first after one interval.
+
+        *message* may be a callable (such as a message class) that builds each tick's message.
+        The timer belongs to the current incarnation and is cancelled when it ends.
+        """
+        return self._add_timer(interval, message, repeat=True)
+
+    def mark_ready(self) -> None:
+        """Tell the supervisor this incarnation is ready to serve."""
+        if self.state is not ActorState.FAILED:
+            self.state = ActorState.RUNNING
+        self.ready.set()
+
+    def finish(self) -> None:
+        """Make :meth:`run` return normally once the current message is handled."""
+        self._finishing = True
+
+    def record_error(self, error: BaseException) -> None:
+        """Keep a safe summary of *error* as :attr:`last_error`."""
+        self.last_error = describe_error(error)
+
+    def is_stalled(self, now: float) -> bool:
+        """Whether a backlog has waited more than :attr:`stall_timeout` without progress at *now*.
+
+        An actor idling on an empty mailbox, or between incarnations, is never stalled.
+        """
+        return (
+            self.started_at is not None
+            and not self._waiting
+            and self.mailbox.qsize() > 0
+            and now - self.last_progress > self.stall_timeout
+        )
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for the dashboard and health checks; safe to show to operators."""
+        uptime = 0.0 if self.started_at is None else round(self.clock() - self.started_at, 3)
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "mailbox": {
+                "depth": self.mailbox.qsize(),
+                "peak": self.mailbox_peak,
+                "capacity": self.mailbox.maxsize,
+                "rejections": self.mailbox_rejections,
+            },
+            "processed": self.processed,
+            "uptime_seconds": uptime,
+            "stalls": self.stalls,
+            **self.extra_status(),
+        }
+
+    async def run(self) -> None:
+        """Run one incarnation: start, handle messages until finished, then stop.
+
+        A crash is an exception escaping this coroutine; stopping is cancelling it.
+        :meth:`on_stop` runs either way.
+        """
+        self.started_at = self.clock()
+        self.last_progress = self.started_at
+        self._finishing = False
+        if self.state is not ActorState.FAILED:
+            self.state = ActorState.STARTING
+        try:
+            await self.on_start()
+            if self.ready_after_start:
+                self.mark_ready()
+            while not self._finishing:
+                item = await self._next()
+                await self._dispatch(item)
+                self.processed += 1
+                self.last_progress = self.clock()
+        finally:
+            self.ready.clear()
+            self.started_at = None
+            for timer in list(self._timers):
+                timer.cancel()
+            if self.state is not ActorState.FAILED:
+                self.state = ActorState.STOPPED
+            await self.on_stop()
+
+    def _put(self, item: object) -> None:
+        try:
+            self.mailbox.put_nowait(item)
+        except asyncio.QueueFull:
+            self.mailbox_rejections += 1
+            raise MailboxFull(
+                f"{self.name} mailbox is full ({self.mailbox.maxsize} messages)"
+            ) from None
+        self.mailbox_peak = max(self.mailbox_peak, self.mailbox.qsize())
+
+    def _add_timer(self, delay: float, message: object, *, repeat: bool) -> Timer:
+        if self.started_at is None:
+            # A timer outside an incarnation would outlive the restart meant to reset it.
+            raise RuntimeError(f"{self.name} sets timers only while it runs (e.g. in on_start)")
+        timer = Timer(self, delay, message, repeat=repeat)
+        self._timers.add(timer)
+        return timer
+
+    async def _next(self) -> object:
+        if not self.mailbox.empty():
+            return self.mailbox.get_nowait()
+        self._waiting = True
+        try:
+            item = await self.mailbox.get()
+        finally:
+            self._waiting = False
+        # Time spent idle is not a stall: the clock starts when there is work again.
+        self.last_progress = self.clock()
+        return item
+
+    async def _dispatch(self, item: object) -> None:
+        if not isinstance(item, _Call):
+            await self._handler_for(item)(item)
+            return
+        try:
+            result = await self._handler_for(item.message)(item.message)
+        except asyncio.CancelledError:
+            if not item.reply.done():
+                item.reply.set_exception(ActorCrashed(f"{self.name} was interrupted"))
+            raise
+        except Exception as exc:
+            if not item.reply.done():
+                item.reply.set_exception(exc if isinstance(exc, AppError) else _crashed(self, exc))
+            raise
+        if not item.reply.done():
+            item.reply.set_result(result)
+
+    def _handler_for(self, message: object) -> Callable[[Any], Awaitable[Any]]:
+        message_type = type(message)
+        handler = self._handlers.get(message_type)
+        if handler is None:
+            handler = getattr(self, _handler_name(message_type), None)
+            if handler is None:
+                raise TypeError(f"{type(self).__name__} has no {_handler_name(message_type)}")
+            self._handlers[message_type] = handler
+        return handler
+
+
+def _crashed(actor: Actor, error: Exception) -> ActorCrashed:
+    crashed = ActorCrashed(f"{actor.name} crashed ({type(error).__name__})")
+    crashed.__cause__ = error
+    return crashed
