@@ -95,10 +95,18 @@ def cmd_services(args: argparse.Namespace) -> int:
             postgres.stop()
             if args.action == "clean":
                 shutil.rmtree(VAR_DIR, ignore_errors=True)
-            log.info(f"services {args.action}ed")
+            log.info("services stopped" if args.action == "stop" else "services removed")
     except ServiceError as exc:
         log.bind(error=str(exc)).log("FATAL", f"services {args.action} failed")
         return 1
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Print the table of HEARTH_* settings that README.rst carries."""
+    from app.config import settings_table
+
+    print(settings_table())
     return 0
 
 
@@ -108,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help=cmd_serve.__doc__).set_defaults(func=cmd_serve)
     commands.add_parser("migrate", help=cmd_migrate.__doc__).set_defaults(func=cmd_migrate)
+    commands.add_parser("settings", help=cmd_settings.__doc__).set_defaults(func=cmd_settings)
     services = commands.add_parser("services", help=cmd_services.__doc__)
     services.add_argument("action", choices=["start", "stop", "clean"])
     services.set_defaults(func=cmd_services)

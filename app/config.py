@@ -189,3 +189,17 @@ def _check_dsn(dsn: str) -> None:
         raise ConfigError(
             variable="HEARTH_DATABASE_URL", reason="must be a postgresql:// URL or libpq DSN"
         )
+
+
+def settings_table() -> str:
+    """The README's table of every setting, as reStructuredText."""
+    rows = [
+        (f"``{env}``", f"``{default}``" if default else "(empty)", doc)
+        for env, default, doc in Settings.documented()
+    ]
+    widths = [max(len(row[i]) for row in [*rows, ("Variable", "Default", "Meaning")]) for i in range(3)]
+    rule = " ".join("=" * width for width in widths)
+    header = " ".join(h.ljust(w) for h, w in zip(("Variable", "Default", "Meaning"), widths))
+    lines = [rule, header.rstrip(), rule]
+    lines += [" ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([*lines, rule])

@@ -9,9 +9,12 @@ from aiohttp import web
 if TYPE_CHECKING:
     from actors.supervisor import Supervisor
     from app.config import Settings
+    from app.store import Store
 
 #: The settings the app was built with.
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+#: The PostgreSQL store with its spool; the DbMonitor owns its pool.
+STORE: web.AppKey[Store] = web.AppKey("store")
 #: The supervisor running every actor.
 SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor")
 #: Set once shutdown begins; readiness turns 503 at once.

@@ -145,7 +145,6 @@ class Store:
         #: Set by the DbMonitor: False sends publishes straight to the spool.
         self.available = True
         self._pool: aiopg.Pool | None = None
-        self._drain_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<Store {redact_dsn(self.dsn)}>"
@@ -500,8 +499,7 @@ class Store:
             if on_stored is not None:
                 await on_stored(stored)
 
-        async with self._drain_lock:
-            drained = await self.spool.drain(commit)
+        drained = await self.spool.drain(commit)
         metrics.SPOOL_DEPTH.set(self.spool.depth)
         if drained:
             log.bind(count=drained).info("spool drained")

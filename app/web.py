@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from prometheus_async.aio.web import server_stats
 
 from actors.base import Actor
+from actors.db_monitor import DbMonitor
 from actors.supervisor import Supervisor
 from app import health, keys
 from app.config import Settings
+from app.crypto import parse_keys
 from app.log import get_logger
 from app.middleware import trace_middleware
 from app.resilience import Backoff
+from app.spool import Spool
+from app.store import Store
 
 log = get_logger("web")
 
@@ -24,7 +29,24 @@ ActorFactory = Callable[[web.Application], list[Actor]]
 
 def default_actors(app: web.Application) -> list[Actor]:
     """The actors every instance runs, in start order."""
-    return []
+    settings = app[keys.SETTINGS]
+    options = {"mailbox_capacity": settings.mailbox_size, "stall_timeout": settings.stall_timeout}
+    return [DbMonitor(app[keys.STORE], ping_interval=settings.db_ping_interval, **options)]
+
+
+def build_store(settings: Settings) -> Store:
+    """The store for *settings*, with its spool and optional cipher; does no I/O."""
+    return Store(
+        settings.database_url,
+        spool=Spool(
+            Path(settings.spool_dir) / "publish.spool",
+            max_bytes=int(settings.spool_max_mb * 1024 * 1024),
+        ),
+        cipher=parse_keys(settings.message_key) if settings.message_key else None,
+        pool_size=settings.db_pool_size,
+        timeout=settings.db_timeout,
+        slow_query_ms=settings.slow_query_ms,
+    )
 
 
 def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> web.Application:
@@ -38,9 +60,17 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
     app[keys.STARTED_AT] = time.monotonic()
     app.add_routes(health.routes)
     app.router.add_get("/metrics", server_stats)
+    app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_supervisor_ctx(actors))
     app.on_shutdown.append(_begin_draining)
     return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = build_store(app[keys.SETTINGS])
+    app[keys.STORE] = store
+    yield
+    await store.close()
 
 
 def _supervisor_ctx(actors: ActorFactory):

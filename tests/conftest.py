@@ -15,9 +15,8 @@ from app.services import LocalPostgres, LocalRedis, free_port
 _database_names = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[LocalPostgres]:
-    """A throwaway PostgreSQL cluster for the whole session."""
+def _throwaway_postgres() -> Iterator[LocalPostgres]:
+    # Outside pytest's 0700 tmp folders, which the postgres user could not enter.
     data = Path(tempfile.mkdtemp(prefix="hearth-pg-"))
     data.chmod(0o755)
     server = LocalPostgres(data / "data", free_port())
@@ -27,6 +26,18 @@ def postgres() -> Iterator[LocalPostgres]:
     finally:
         server.stop("immediate")
         shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[LocalPostgres]:
+    """A throwaway PostgreSQL cluster for the whole session."""
+    yield from _throwaway_postgres()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[LocalPostgres]:
+    """A PostgreSQL cluster of one test alone, free to be stopped, hung and restarted."""
+    yield from _throwaway_postgres()
 
 
 @pytest.fixture(scope="session")
