@@ -111,6 +111,67 @@ class Settings:
     max_content_length: int = setting(
         "HEARTH_MAX_CONTENT_LENGTH", 4096, "Longest message content, in characters.", minimum=1
     )
+    token_ttl_hours: float = setting(
+        "HEARTH_TOKEN_TTL_HOURS", 24.0, "Lifetime of a login token.", minimum=0.001
+    )
+    login_rate_per_min: float = setting(
+        "HEARTH_LOGIN_RATE_PER_MIN", 10.0, "Login attempts allowed per client IP per minute.",
+        minimum=0.01,
+    )
+    login_user_rate_per_min: float = setting(
+        "HEARTH_LOGIN_USER_RATE_PER_MIN", 5.0, "Login attempts allowed per username per minute.",
+        minimum=0.01,
+    )
+    auth_timeout: float = setting(
+        "HEARTH_AUTH_TIMEOUT", 10.0, "Seconds a WebSocket may stay unauthenticated.", minimum=0.1
+    )
+    allowed_origins: str = setting(
+        "HEARTH_ALLOWED_ORIGINS",
+        "",
+        "Comma-separated Origins allowed to open a WebSocket; empty means same-origin only, "
+        "``*`` any.",
+    )
+    ws_compress: bool = setting(
+        "HEARTH_WS_COMPRESS", False, "permessage-deflate on hub WebSockets (CPU and BREACH cost)."
+    )
+    ws_max_msg_size: int = setting(
+        "HEARTH_WS_MAX_MSG_SIZE", 65536, "Largest inbound frame in bytes; larger closes 1009.",
+        minimum=1024,
+    )
+    ws_ping_interval: float = setting(
+        "HEARTH_WS_PING_INTERVAL", 30.0, "WebSocket protocol ping interval; a dead peer is closed.",
+        minimum=0.1,
+    )
+    heartbeat_interval: float = setting(
+        "HEARTH_HEARTBEAT_INTERVAL", 10.0, "Seconds between heartbeat events.", minimum=0.05
+    )
+    client_queue_messages: int = setting(
+        "HEARTH_CLIENT_QUEUE_MESSAGES", 1000, "Room frames a client may have unsent before it is "
+        "dropped with SLOW_CLIENT.", minimum=1,
+    )
+    client_queue_bytes: int = setting(
+        "HEARTH_CLIENT_QUEUE_BYTES", 4 * 1024 * 1024, "Unsent bytes a client may have before it is "
+        "dropped with SLOW_CLIENT.", minimum=1024,
+    )
+    client_queue_warn_ratio: float = setting(
+        "HEARTH_CLIENT_QUEUE_WARN_RATIO", 0.5, "Fraction of those limits at which a client gets a "
+        "SLOW_CLIENT warning event.", minimum=0.01,
+    )
+    send_timeout: float = setting(
+        "HEARTH_SEND_TIMEOUT", 5.0, "Deadline of each send to a client.", minimum=0.01
+    )
+    pub_rate: float = setting(
+        "HEARTH_PUB_RATE", 10.0, "Publishes per second allowed per connection.", minimum=0.01
+    )
+    pub_burst: float = setting(
+        "HEARTH_PUB_BURST", 20.0, "Publish burst allowed per connection.", minimum=1
+    )
+    user_pub_rate: float = setting(
+        "HEARTH_USER_PUB_RATE", 20.0, "Publishes per second allowed per user.", minimum=0.01
+    )
+    user_pub_burst: float = setting(
+        "HEARTH_USER_PUB_BURST", 40.0, "Publish burst allowed per user.", minimum=1
+    )
     shutdown_timeout: float = setting(
         "HEARTH_SHUTDOWN_TIMEOUT", 10.0, "Deadline for a graceful stop (s).", minimum=0.1
     )
