@@ -43,15 +43,16 @@ from app.log import setup_logging, trace_context
 
 
 def all_subclasses(cls: type) -> list[type]:
-    """Return every subclass of *cls*, recursively."""
+    """Return every subclass of *cls* defined in app.errors, recursively."""
     found = []
     for sub in cls.__subclasses__():
-        found.append(sub)
+        if sub.__module__ == errors.__name__:
+            found.append(sub)
         found.extend(all_subclasses(sub))
     return found
 
 
-#: Every AppError subclass that takes the standard constructor.
+#: Every AppError subclass of the error model that takes the standard constructor.
 APP_ERRORS = [cls for cls in [AppError, *all_subclasses(AppError)] if cls is not ConfigError]
 #: Safe texts a client may ever see.
 SAFE_TEXTS = set(STATUS_TEXTS.values()) | {cls.text for cls in APP_ERRORS if cls.text}
