@@ -347,6 +347,7 @@ async def test_is_stalled_only_with_backlog_and_no_progress(running) -> None:
     assert not actor.is_stalled(clock()), "idle on an empty mailbox"
 
     actor.cast(Note("wakes it"))
+    assert not actor.is_stalled(clock()), "a message not yet taken from idle is no backlog"
     await eventually(lambda: actor.processed == 2)
     assert actor.last_progress == clock.now, "taking work after idling counts as progress"
 
@@ -356,6 +357,27 @@ async def test_is_stalled_only_with_backlog_and_no_progress(running) -> None:
     clock.now += 5.0
     assert not actor.is_stalled(clock())
     clock.now += 0.1
+    assert actor.is_stalled(clock())
+
+
+async def test_each_handled_message_counts_as_progress(running) -> None:
+    """A backlog that is being worked through is not stalled, however long it takes in total."""
+    clock = FakeClock()
+
+    class Slow(Recorder):
+        async def _handle_note(self, message: Note) -> None:
+            clock.now += 4.0
+
+    actor = Slow(stall_timeout=5.0, clock=clock)
+    await running(actor)
+    began = clock.now
+    for message in (Note("a"), Note("b"), Hang(), Note("stuck behind")):
+        actor.cast(message)
+    await eventually(lambda: actor.mailbox.qsize() == 1)
+
+    assert clock.now - began == 8.0
+    assert not actor.is_stalled(clock())
+    clock.now += 5.1
     assert actor.is_stalled(clock())
 
 
