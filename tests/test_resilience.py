@@ -200,16 +200,16 @@ async def test_half_open_admits_exactly_k_trials(
 
     callers = [asyncio.create_task(breaker.call(upstream)) for _ in range(20)]
     await asyncio.sleep(0)
-
-    refused = [task for task in callers if task.done()]
-    assert len(refused) == 20 - trial_slots
-    assert all(isinstance(task.exception(), CircuitOpen) for task in refused)
-    assert upstream.calls == trial_slots
-    assert breaker.trials_in_flight == trial_slots
-
+    # Read the figures while the trials are held, then release them so no task outlives the test.
+    refused_at_once = sum(task.done() for task in callers)
+    reached_upstream = upstream.calls
+    held_trials = breaker.trials_in_flight
     upstream.gate.set()
     results = await asyncio.gather(*callers, return_exceptions=True)
 
+    assert refused_at_once == 20 - trial_slots
+    assert reached_upstream == held_trials == trial_slots
+    assert sum(isinstance(result, CircuitOpen) for result in results) == 20 - trial_slots
     assert results.count("ok") == trial_slots
     assert breaker.state is CLOSED
     assert breaker.trials_in_flight == 0
