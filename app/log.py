@@ -103,9 +103,10 @@ def new_trace_id() -> str:
 @contextmanager
 def trace_context(trace_id: str | None = None) -> Iterator[str]:
     """Make *trace_id* (or a new one when ``None``) the current trace id inside the block."""
-    token = trace_id_var.set(trace_id or new_trace_id())
+    trace_id = trace_id or new_trace_id()
+    token = trace_id_var.set(trace_id)
     try:
-        yield trace_id_var.get() or ""
+        yield trace_id
     finally:
         trace_id_var.reset(token)
 
