@@ -157,12 +157,15 @@ class Supervisor:
 
     @property
     def ready(self) -> bool:
-        """Whether every non-temporary child runs and is ready, and none has failed."""
+        """Whether every non-temporary child runs and is ready, so none has failed.
+
+        A transient child that returned normally counts as fine.
+        """
         return all(
             child.done or (child.actor.state is ActorState.RUNNING and child.actor.ready.is_set())
             for child in self._children
             if child.spec.restart is not Restart.TEMPORARY
-        ) and not any(child.actor.state is ActorState.FAILED for child in self._children)
+        )
 
     def statuses(self) -> list[dict[str, object]]:
         """Status snapshots of the children, in start order."""
@@ -205,19 +208,22 @@ class Supervisor:
         deadline = loop.time() + self.shutdown_timeout
         if self._watchdog is not None:
             self._watchdog.cancel()
-        pending = [child for child in reversed(self._children) if child.task is not None]
+        pending = [
+            (child.actor, child.task)
+            for child in reversed(self._children)
+            if child.task is not None
+        ]
         failures: list[Exception] = []
         try:
             while pending:
-                failure = await self._stop_child(pending[0], deadline)
+                failure = await self._stop_child(*pending[0], deadline)
                 pending.pop(0)
                 if failure is not None:
                     failures.append(failure)
         except asyncio.CancelledError:
             # Our caller gave up on a graceful stop; leave nothing running behind it.
-            for child in pending:
-                if child.task is not None:
-                    child.task.cancel()
+            for _, task in pending:
+                task.cancel()
             raise
         if self._watchdog is not None:
             await asyncio.wait({self._watchdog})
@@ -371,7 +377,10 @@ class Supervisor:
             retry_count=child.attempt,
             error=None if error is None else type(error).__name__,
             delay=round(delay, 3),
-        ).log(level, "Actor crashed; restarting" if error else "Actor returned; restarting")
+        ).log(
+            level,
+            "Actor crashed; restarting" if error is not None else "Actor returned; restarting",
+        )
         return delay
 
     def _forgive(self, child: _Child) -> None:
@@ -383,11 +392,10 @@ class Supervisor:
             actor.state = ActorState.RUNNING if actor.ready.is_set() else ActorState.STARTING
             log.bind(actor=actor.name).info("Actor recovered")
 
-    async def _stop_child(self, child: _Child, deadline: float) -> Exception | None:
-        """Stop one child; return its cleanup failure, if any."""
-        task = child.task
-        assert task is not None
-        actor = child.actor
+    async def _stop_child(
+        self, actor: Actor, task: asyncio.Task[None], deadline: float
+    ) -> Exception | None:
+        """Stop one child's restart loop *task*; return its cleanup failure, if any."""
         loop = asyncio.get_running_loop()
         if not task.done():
             task.cancel()
