@@ -19,7 +19,7 @@ from app.store import Store
 log = get_logger("db_monitor")
 
 
-class DbState(str, enum.Enum):
+class DbState(enum.StrEnum):
     """Where the connection to PostgreSQL stands."""
 
     CONNECTED = "connected"
@@ -137,7 +137,9 @@ class DbMonitor(Actor):
             dsn=redact_dsn(self.store.dsn), error=reason if state is not DbState.CONNECTED else None,
         )  # fmt: skip
         if state is DbState.CONNECTED:
-            entry.info("database connected" if previous is DbState.DISCONNECTED else "database recovered")
+            entry.info(
+                "database connected" if previous is DbState.DISCONNECTED else "database recovered"
+            )
         elif state is DbState.ERROR:
             entry.error(f"database still unreachable after {self.error_after} retries")
         elif state is DbState.DISCONNECTED:
@@ -154,7 +156,9 @@ class DbMonitor(Actor):
         while self._pending_events:
             state, previous, attempt, reason = self._pending_events[0]
             try:
-                await self.store.record_connection_event("database", state, previous, attempt, reason)
+                await self.store.record_connection_event(
+                    "database", state, previous, attempt, reason
+                )
             except Exception as exc:
                 log.bind(error=type(exc).__name__).warning("could not record connection event")
                 return

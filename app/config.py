@@ -13,6 +13,7 @@ from app.errors import ConfigError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+
 def setting(env: str, default: Any, doc: str, *, minimum: float | None = None) -> Any:
     """Declare one setting read from the environment variable *env*.
 
@@ -52,8 +53,7 @@ class Settings:
     stall_timeout: float = setting(
         "HEARTH_STALL_TIMEOUT",
         30.0,
-        "Seconds an actor may hold queued mail without progress before the watchdog "
-        "restarts it.",
+        "Seconds an actor may hold queued mail without progress before the watchdog restarts it.",
         minimum=0.1,
     )
     restart_initial: float = setting(
@@ -105,8 +105,7 @@ class Settings:
     message_key: str = setting(
         "HEARTH_MESSAGE_KEY",
         "",
-        "Encryption at rest: comma-separated key_id:base64 AES keys, current first. "
-        "Empty: off.",
+        "Encryption at rest: comma-separated key_id:base64 AES keys, current first. Empty: off.",
     )
     max_content_length: int = setting(
         "HEARTH_MAX_CONTENT_LENGTH", 4096, "Longest message content, in characters.", minimum=1
@@ -115,11 +114,15 @@ class Settings:
         "HEARTH_TOKEN_TTL_HOURS", 24.0, "Lifetime of a login token.", minimum=0.001
     )
     login_rate_per_min: float = setting(
-        "HEARTH_LOGIN_RATE_PER_MIN", 10.0, "Login attempts allowed per client IP per minute.",
+        "HEARTH_LOGIN_RATE_PER_MIN",
+        10.0,
+        "Login attempts allowed per client IP per minute.",
         minimum=0.01,
     )
     login_user_rate_per_min: float = setting(
-        "HEARTH_LOGIN_USER_RATE_PER_MIN", 5.0, "Login attempts allowed per username per minute.",
+        "HEARTH_LOGIN_USER_RATE_PER_MIN",
+        5.0,
+        "Login attempts allowed per username per minute.",
         minimum=0.01,
     )
     auth_timeout: float = setting(
@@ -135,27 +138,37 @@ class Settings:
         "HEARTH_WS_COMPRESS", False, "permessage-deflate on hub WebSockets (CPU and BREACH cost)."
     )
     ws_max_msg_size: int = setting(
-        "HEARTH_WS_MAX_MSG_SIZE", 65536, "Largest inbound frame in bytes; larger closes 1009.",
+        "HEARTH_WS_MAX_MSG_SIZE",
+        65536,
+        "Largest inbound frame in bytes; larger closes 1009.",
         minimum=1024,
     )
     ws_ping_interval: float = setting(
-        "HEARTH_WS_PING_INTERVAL", 30.0, "WebSocket protocol ping interval; a dead peer is closed.",
+        "HEARTH_WS_PING_INTERVAL",
+        30.0,
+        "WebSocket protocol ping interval; a dead peer is closed.",
         minimum=0.1,
     )
     heartbeat_interval: float = setting(
         "HEARTH_HEARTBEAT_INTERVAL", 10.0, "Seconds between heartbeat events.", minimum=0.05
     )
     client_queue_messages: int = setting(
-        "HEARTH_CLIENT_QUEUE_MESSAGES", 1000, "Room frames a client may have unsent before it is "
-        "dropped with SLOW_CLIENT.", minimum=1,
+        "HEARTH_CLIENT_QUEUE_MESSAGES",
+        1000,
+        "Room frames a client may have unsent before it is dropped with SLOW_CLIENT.",
+        minimum=1,
     )
     client_queue_bytes: int = setting(
-        "HEARTH_CLIENT_QUEUE_BYTES", 4 * 1024 * 1024, "Unsent bytes a client may have before it is "
-        "dropped with SLOW_CLIENT.", minimum=1024,
+        "HEARTH_CLIENT_QUEUE_BYTES",
+        4 * 1024 * 1024,
+        "Unsent bytes a client may have before it is dropped with SLOW_CLIENT.",
+        minimum=1024,
     )
     client_queue_warn_ratio: float = setting(
-        "HEARTH_CLIENT_QUEUE_WARN_RATIO", 0.5, "Fraction of those limits at which a client gets a "
-        "SLOW_CLIENT warning event.", minimum=0.01,
+        "HEARTH_CLIENT_QUEUE_WARN_RATIO",
+        0.5,
+        "Fraction of those limits at which a client gets a SLOW_CLIENT warning event.",
+        minimum=0.01,
     )
     send_timeout: float = setting(
         "HEARTH_SEND_TIMEOUT", 5.0, "Deadline of each send to a client.", minimum=0.01
@@ -258,9 +271,11 @@ def settings_table() -> str:
         (f"``{env}``", f"``{default}``" if default else "(empty)", doc)
         for env, default, doc in Settings.documented()
     ]
-    widths = [max(len(row[i]) for row in [*rows, ("Variable", "Default", "Meaning")]) for i in range(3)]
+    widths = [
+        max(len(row[i]) for row in [*rows, ("Variable", "Default", "Meaning")]) for i in range(3)
+    ]
     rule = " ".join("=" * width for width in widths)
-    header = " ".join(h.ljust(w) for h, w in zip(("Variable", "Default", "Meaning"), widths))
+    header = " ".join(h.ljust(w) for h, w in zip(("Variable", "Default", "Meaning"), widths, strict=True))
     lines = [rule, header.rstrip(), rule]
-    lines += [" ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines += [" ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join([*lines, rule])

@@ -23,3 +23,14 @@ DB_PING_SECONDS = Gauge("hearth_db_ping_seconds", "Latency of the last database 
 PUBLISHES = Counter("hearth_publishes_total", "Publishes by outcome.", ["outcome"])
 #: Records waiting in the spool.
 SPOOL_DEPTH = Gauge("hearth_spool_depth", "Messages waiting in the spool.")
+#: Clients connected to this instance.
+HUB_CLIENTS = Gauge("hearth_hub_clients", "WebSocket clients connected.")
+#: Errors answered to clients, by string code.
+HUB_ERRORS = Counter("hearth_hub_errors_total", "Errors answered to clients.", ["code"])
+#: Clients dropped because their backlog passed the hard limit.
+SLOW_CLIENT_DROPS = Counter("hearth_slow_client_drops_total", "Slow clients dropped.")
+#: Failed reads and writes on client sockets.
+WS_READ_ERRORS = Counter("hearth_ws_read_errors_total", "WebSocket read errors.")
+WS_WRITE_ERRORS = Counter("hearth_ws_write_errors_total", "WebSocket write errors.")
+#: Clients that went away without a close handshake.
+CLIENT_DISCONNECTS = Counter("hearth_client_disconnects_total", "Unexpected client disconnects.")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from app.errors import MessageTooLong, ValidationError
+from app.log import utc_now_iso
 
 #: Room names: short, URL-safe, and the same rule as the rooms table CHECK.
 ROOM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -76,7 +76,7 @@ class Message:
             sender=sender,
             client_msg_id=client_msg_id,
             content=content,
-            created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+            created_at=utc_now_iso(),
             trace_id=trace_id,
         )
 

@@ -197,7 +197,10 @@ def ensure_redis_installed() -> str:
         raise ServiceError("redis-server is missing: install Debian's redis-server package")
     log.info("installing redis-server with apt-get")
     _run(["apt-get", "update", "-qq"])
-    _run(["apt-get", "install", "-y", "-qq", "redis-server"], env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    _run(
+        ["apt-get", "install", "-y", "-qq", "redis-server"],
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
     found = shutil.which("redis-server")
     if not found:
         raise ServiceError("redis-server still missing after apt-get install")

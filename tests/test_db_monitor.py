@@ -72,7 +72,9 @@ async def stop_monitor(task: asyncio.Task) -> None:
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
-async def test_acknowledged_publishes_survive_postgres_stop(own_postgres, tmp_path, mode, log_stream):
+async def test_acknowledged_publishes_survive_postgres_stop(
+    own_postgres, tmp_path, mode, log_stream
+):
     """PostgreSQL stopped mid-stream: after restart every acknowledged message is stored exactly once."""
     store = await prepared_store(own_postgres, tmp_path / "publish.spool")
     monitor, task = running_monitor(store)
@@ -122,7 +124,9 @@ async def test_error_after_five_failed_retries_and_connection_events_recorded(
     await wait_until(lambda: monitor.db_state is DbState.CONNECTED)
     await asyncio.to_thread(own_postgres.stop, "fast")
     await wait_until(lambda: monitor.db_state is DbState.ERROR)
-    errors = [r for r in lines(log_stream) if r["level"] == "error" and r["component"] == "db_monitor"]
+    errors = [
+        r for r in lines(log_stream) if r["level"] == "error" and r["component"] == "db_monitor"
+    ]
     assert errors and errors[0]["attempt"] == 6
     await asyncio.to_thread(own_postgres.start)
     await wait_until(lambda: monitor.db_state is DbState.CONNECTED)
@@ -165,13 +169,17 @@ async def test_sigstopped_postgres_becomes_a_timeout_not_a_hang(own_postgres, tm
         with pytest.raises(Exception) as caught:  # noqa: B017 - a timeout, whatever its class
             await store.latest_seq("lobby")
         elapsed = time.monotonic() - started
-        accepted = Message.accept(room="lobby", sender="a", content="while hung", client_msg_id="h1")
+        accepted = Message.accept(
+            room="lobby", sender="a", content="while hung", client_msg_id="h1"
+        )
         result = await store.publish(accepted)
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
     await store.close()
-    assert isinstance(caught.value, TimeoutError | OSError) or "Timeout" in type(caught.value).__name__
+    assert (
+        isinstance(caught.value, TimeoutError | OSError) or "Timeout" in type(caught.value).__name__
+    )
     assert elapsed < 5
     assert result.queued and store.spool.depth == 1
 
@@ -182,7 +190,9 @@ async def test_spool_full_is_503_and_never_acknowledged(own_postgres, tmp_path):
     await asyncio.to_thread(own_postgres.stop, "fast")
     acknowledged, refused = [], []
     for index in range(40):
-        accepted = Message.accept(room="lobby", sender="a", content=f"x{index}", client_msg_id=f"f{index}")
+        accepted = Message.accept(
+            room="lobby", sender="a", content=f"x{index}", client_msg_id=f"f{index}"
+        )
         try:
             acknowledged.append(await store.publish(accepted))
         except SpoolFull as exc:

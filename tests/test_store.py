@@ -140,28 +140,39 @@ async def test_unknown_room_is_not_found_and_not_stored(store):
 invalid_documents = st.one_of(
     st.fixed_dictionaries({"room": st.text(min_size=65, max_size=80), "content": st.just("x")}),
     st.fixed_dictionaries(
-        {"room": st.text().filter(lambda s: not s.isascii() or " " in s or s == ""),
-         "content": st.just("x")}
+        {
+            "room": st.text().filter(lambda s: not s.isascii() or " " in s or s == ""),
+            "content": st.just("x"),
+        }
     ),  # fmt: skip
-    st.fixed_dictionaries({"room": st.just("lobby"), "content": st.text(min_size=4097, max_size=4200)}),
+    st.fixed_dictionaries(
+        {"room": st.just("lobby"), "content": st.text(min_size=4097, max_size=4200)}
+    ),
     st.fixed_dictionaries(
         {"room": st.just("lobby"), "content": st.text(min_size=1).map(lambda s: s + "\x00")}
     ),
     st.fixed_dictionaries(
-        {"room": st.just("lobby"),
-         "content": st.one_of(st.integers(), st.none(), st.lists(st.text()), st.booleans())}
+        {
+            "room": st.just("lobby"),
+            "content": st.one_of(st.integers(), st.none(), st.lists(st.text()), st.booleans()),
+        }
     ),  # fmt: skip
     st.fixed_dictionaries(
         {"room": st.one_of(st.integers(), st.none(), st.booleans()), "content": st.just("x")}
     ),
     st.fixed_dictionaries(
-        {"room": st.just("lobby"), "content": st.just("x"),
-         "client_msg_id": st.one_of(st.integers(), st.just(""), st.text(min_size=65))}
+        {
+            "room": st.just("lobby"),
+            "content": st.just("x"),
+            "client_msg_id": st.one_of(st.integers(), st.just(""), st.text(min_size=65)),
+        }
     ),  # fmt: skip
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(document=invalid_documents)
 async def test_invalid_documents_are_rejected_and_never_stored(store, document):
     """Property 5: oversized content, bad room names, wrong types and NUL bytes never get stored."""
@@ -208,7 +219,9 @@ async def test_query_log_never_holds_content_or_password(database, tmp_path):
 
 async def test_encryption_round_trip_stores_ciphertext(database, tmp_path, postgres):
     """With a key, content is stored encrypted and read back as the original text."""
-    store = Store(database, spool=Spool(tmp_path / "s.spool"), cipher=parse_keys(generate_key_spec()))
+    store = Store(
+        database, spool=Spool(tmp_path / "s.spool"), cipher=parse_keys(generate_key_spec())
+    )
     await store.open()
     try:
         await store.migrate()

@@ -1,0 +1,234 @@
+"""A client's outbound side: a bounded backlog, conflated status feeds, and one writer task."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from app import metrics
+from app.log import get_logger
+from app.protocol import encode, error_event
+
+log = get_logger("connection")
+
+#: Close codes the hub uses.
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+#: Consecutive failed writes after which a client is closed.
+MAX_WRITE_ERRORS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How much a client may lag before it is warned, then dropped."""
+
+    max_messages: int = 1000
+    max_bytes: int = 4 * 1024 * 1024
+    warn_ratio: float = 0.5
+    send_timeout: float = 5.0
+
+
+class Connection:
+    """One WebSocket client as the hub sees it, with no aiohttp in sight.
+
+    *send* writes one text frame and *close* closes with a code and reason; the WebSocket
+    handler passes the socket's own. Every outbound frame goes through `offer` or
+    `offer_latest`, so replies and data keep their order and the bounds hold.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[str], Awaitable[None]],
+        close: Callable[..., Awaitable[Any]],
+        *,
+        limits: Limits = Limits(),
+        on_evicted: Callable[[Connection], None] | None = None,
+    ) -> None:
+        #: Short random id for logs.
+        self.id = secrets.token_hex(6)
+        #: Set once the client authenticated.
+        self.user_id: str | None = None
+        self.username: str | None = None
+        self.is_admin = False
+        #: Topics this client subscribed to (as strings).
+        self.topics: set[str] = set()
+        self.limits = limits
+        self._send = send
+        self._close = close
+        self._on_evicted = on_evicted
+        # Backlog entries: a ready frame, or a status topic whose newest frame is in _latest.
+        self._backlog: deque[str | tuple[str]] = deque()
+        self._latest: dict[str, str] = {}
+        self._room_frames = 0
+        self._bytes = 0
+        self._warned = False
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self.write_errors = 0
+        #: Why the server closed this client, when it did.
+        self.closed_reason: str | None = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether the server has closed or is closing this client."""
+        return self.closed_reason is not None
+
+    @property
+    def backlog(self) -> dict[str, int]:
+        """Frames and bytes waiting to be sent."""
+        return {"frames": len(self._backlog), "bytes": self._bytes}
+
+    def start(self) -> None:
+        """Start the writer task."""
+        self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.id}")
+
+    def offer(self, frame: str) -> bool:
+        """Queue an already-encoded frame; returns False when the client is gone or dropped.
+
+        Past the warn mark the client gets a SLOW_CLIENT warning once; past the hard limit
+        it is closed with 1013 and the frame is not queued.
+        """
+        if self.closed:
+            return False
+        limits = self.limits
+        if (
+            self._room_frames + 1 > limits.max_messages
+            or self._bytes + len(frame) > limits.max_bytes
+        ):
+            self.evict_slow()
+            return False
+        self._enqueue(frame)
+        if not self._warned and (
+            self._room_frames >= limits.max_messages * limits.warn_ratio
+            or self._bytes >= limits.max_bytes * limits.warn_ratio
+        ):
+            self._warned = True
+            log.bind(client_id=self.id, user_id=self.user_id, **self.backlog).warning(
+                "client is falling behind"
+            )
+            self._enqueue(
+                encode(error_event(
+                    "SLOW_CLIENT", "you are falling behind; messages may be dropped",
+                    component="hub", severity="warning",
+                ))
+            )  # fmt: skip
+        self._wakeup.set()
+        return True
+
+    def _enqueue(self, frame: str) -> None:
+        self._backlog.append(frame)
+        self._room_frames += 1
+        self._bytes += len(frame)
+
+    def offer_latest(self, key: str, frame: str) -> None:
+        """Queue *frame* as the newest value of *key*, replacing any unsent older one.
+
+        Status feeds and heartbeats are conflated this way, so they never build a backlog
+        and never get a client dropped.
+        """
+        if self.closed:
+            return
+        if key not in self._latest:
+            self._backlog.append((key,))
+        self._latest[key] = frame
+        self._wakeup.set()
+
+    def evict_slow(self) -> None:
+        """Drop a client whose backlog passed the hard limit: SLOW_CLIENT, then close 1013."""
+        metrics.SLOW_CLIENT_DROPS.inc()
+        log.bind(client_id=self.id, user_id=self.user_id, **self.backlog).warning(
+            "slow client dropped"
+        )
+        farewell = encode(error_event(
+            "SLOW_CLIENT", "too far behind; reconnect and recover with since",
+            component="hub", severity="warning",
+        ))  # fmt: skip
+        self.shut(CLOSE_TRY_AGAIN_LATER, "slow client", farewell=farewell)
+
+    def shut(
+        self, code: int, reason: str, *, farewell: str | None = None, drain: float = 0
+    ) -> None:
+        """Close the client with *code* and *reason*, once.
+
+        The pending send, if any, is cancelled at once (a send blocked on a dead peer
+        would otherwise stay blocked). *farewell* is sent best effort first; with *drain*
+        seconds the backlog is flushed before it.
+        """
+        if self.closed:
+            return
+        self.closed_reason = reason
+        self._closing = asyncio.create_task(self._shut(code, reason, farewell, drain))
+        if self._on_evicted is not None:
+            self._on_evicted(self)
+
+    async def _shut(self, code: int, reason: str, farewell: str | None, drain: float) -> None:
+        writer = self._writer
+        if writer is not None and drain > 0:
+            self._backlog.append(("",))  # marks the end of what may still be written
+            self._wakeup.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(writer), drain)
+            except (TimeoutError, Exception):
+                pass
+        if writer is not None and not writer.done():
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        try:
+            if farewell is not None:
+                await asyncio.wait_for(self._send(farewell), 0.5)
+        except Exception:
+            pass  # best effort: the peer may be the reason we are closing
+        try:
+            await asyncio.wait_for(self._close(code=code, message=reason.encode()), 2.0)
+        except Exception as exc:
+            log.bind(client_id=self.id, error=type(exc).__name__).debug("close did not complete")
+
+    async def closed_by_peer(self) -> None:
+        """Stop writing after the peer went away or the socket ended."""
+        if self.closed_reason is None:
+            self.closed_reason = "peer closed"
+        if self._closing is not None:
+            await asyncio.gather(self._closing, return_exceptions=True)
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+
+    async def _write_loop(self) -> None:
+        while True:
+            while not self._backlog:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            entry = self._backlog.popleft()
+            if isinstance(entry, tuple):
+                if entry[0] == "":
+                    return
+                frame = self._latest.pop(entry[0])
+            else:
+                frame = entry
+                self._room_frames -= 1
+                self._bytes -= len(frame)
+            try:
+                async with asyncio.timeout(self.limits.send_timeout):
+                    await self._send(frame)
+            except TimeoutError:
+                metrics.WS_WRITE_ERRORS.inc()
+                log.bind(client_id=self.id, user_id=self.user_id).warning("send timed out")
+                self.evict_slow()
+                return
+            except Exception as exc:
+                self.write_errors += 1
+                metrics.WS_WRITE_ERRORS.inc()
+                log.bind(
+                    client_id=self.id, error=type(exc).__name__, retry_count=self.write_errors
+                ).warning("write failed")
+                if self.write_errors >= MAX_WRITE_ERRORS:
+                    self.shut(CLOSE_TRY_AGAIN_LATER, "write errors")
+                    return
+            else:
+                self.write_errors = 0
