@@ -1,21 +1,30 @@
-"""Command line: ``python -m app serve|migrate|services`` (also installed as ``hearth``)."""
+"""Command line: ``python -m app serve|migrate|services|user|room|demo`` (also ``hearth``)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import shutil
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.config import Settings
 from app.errors import ConfigError
 from app.log import get_logger, setup_logging
 
+if TYPE_CHECKING:
+    from app.store import Store
+
 log = get_logger("cli")
 
 #: Where ``make run`` keeps local PostgreSQL and Redis data.
 VAR_DIR = Path("var")
+#: The admin user and public room ``demo`` creates on a fresh database.
+DEMO_ADMIN = "admin"
+DEMO_ROOM = "lobby"
 #: Loopback ports of the development services.
 DEV_PG_PORT = 55432
 DEV_REDIS_PORT = 56379
@@ -110,6 +119,90 @@ def cmd_settings(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_store_command(work: Callable[[Store], Awaitable[None]]) -> int:
+    """Run *work* on a store opened from the settings; 0, or 1 after one error line."""
+    from app.errors import AppError, is_retryable
+    from app.log import redact_dsn
+    from app.store import Store
+
+    settings = _load_settings()
+
+    async def run() -> None:
+        store = Store(settings.database_url, timeout=settings.db_timeout)
+        await store.open()
+        try:
+            await work(store)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(run())
+    except AppError as exc:
+        failure = log.bind(error=exc.code)
+        if exc.detail:
+            failure = failure.bind(detail=exc.detail)
+        failure.error(exc.client_text)
+        return 1
+    except Exception as exc:
+        if not is_retryable(exc):
+            raise
+        log.bind(error=type(exc).__name__, database=redact_dsn(settings.database_url)).error(
+            "database unreachable"
+        )
+        return 1
+    return 0
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    """Add a user: ``user add NAME --password PW [--admin]``."""
+    from app.auth import check_password, check_username, hash_password
+
+    async def add(store: Store) -> None:
+        username = check_username(args.name)
+        password_hash = await asyncio.to_thread(hash_password, check_password(args.password))
+        user_id = await store.create_user(username, password_hash, is_admin=args.admin)
+        log.bind(user_id=user_id, username=username, is_admin=args.admin).info("user added")
+
+    return _run_store_command(add)
+
+
+def cmd_room(args: argparse.Namespace) -> int:
+    """Manage rooms: ``room create NAME [--private]``, ``room add-member ROOM USER``."""
+    from app.auth import check_username
+    from app.errors import Conflict
+    from app.models import check_room_name
+
+    async def create(store: Store) -> None:
+        name = check_room_name(args.name)
+        if not await store.create_room(name, private=args.private):
+            raise Conflict(f"room {name} exists", text="room already exists")
+        log.bind(topic=f"room:{name}", private=args.private).info("room created")
+
+    async def add_member(store: Store) -> None:
+        room, username = check_room_name(args.room), check_username(args.user)
+        await store.add_room_member(room, username)
+        log.bind(topic=f"room:{room}", member=username).info("room member added")
+
+    return _run_store_command(create if args.action == "create" else add_member)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Seed a fresh database: an ``admin`` user (password printed once) and a public ``lobby``."""
+    from app.auth import hash_password
+
+    async def seed(store: Store) -> None:
+        if not await store.has_users():
+            password = secrets.token_urlsafe(12)
+            password_hash = await asyncio.to_thread(hash_password, password)
+            await store.create_user(DEMO_ADMIN, password_hash, is_admin=True)
+            # The only time this password is ever shown; stdout, never the logs.
+            print(f"demo admin user: {DEMO_ADMIN} / password: {password}", flush=True)
+        if await store.create_room(DEMO_ROOM):
+            log.bind(topic=f"room:{DEMO_ROOM}").info("demo room created")
+
+    return _run_store_command(seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every command."""
     parser = argparse.ArgumentParser(prog="hearth", description=__doc__)
@@ -120,6 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     services = commands.add_parser("services", help=cmd_services.__doc__)
     services.add_argument("action", choices=["start", "stop", "clean"])
     services.set_defaults(func=cmd_services)
+    user = commands.add_parser("user", help=cmd_user.__doc__)
+    user_actions = user.add_subparsers(dest="action", required=True)
+    user_add = user_actions.add_parser("add", help="add a user")
+    user_add.add_argument("name")
+    user_add.add_argument("--password", required=True)
+    user_add.add_argument("--admin", action="store_true", help="may manage rooms, enters all")
+    user.set_defaults(func=cmd_user)
+    room = commands.add_parser("room", help=cmd_room.__doc__)
+    room_actions = room.add_subparsers(dest="action", required=True)
+    room_create = room_actions.add_parser("create", help="create a room")
+    room_create.add_argument("name")
+    room_create.add_argument("--private", action="store_true", help="members and admins only")
+    room_member = room_actions.add_parser("add-member", help="let a user into a private room")
+    room_member.add_argument("room")
+    room_member.add_argument("user")
+    room.set_defaults(func=cmd_room)
+    commands.add_parser("demo", help=cmd_demo.__doc__).set_defaults(func=cmd_demo)
     return parser
 
 

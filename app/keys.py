@@ -8,6 +8,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from actors.supervisor import Supervisor
+    from app.auth import Authenticator
     from app.config import Settings
     from app.store import Store
 
@@ -21,3 +22,5 @@ SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor")
 DRAINING: web.AppKey[dict[str, bool]] = web.AppKey("draining")
 #: Monotonic time the app started, for uptime.
 STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
+#: Logs users in and guards rooms; see app/auth.py.
+AUTH: web.AppKey[Authenticator] = web.AppKey("auth")

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,7 +17,7 @@ from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
 from app import metrics
 from app.crypto import DecryptError, MessageCipher
-from app.errors import DatabaseError, EncryptionError, NotFound, is_retryable
+from app.errors import Conflict, DatabaseError, EncryptionError, NotFound, is_retryable
 from app.log import get_logger, redact_dsn
 from app.models import Message
 from app.resilience import Backoff
@@ -563,6 +564,148 @@ class Store:
             )  # fmt: skip
 
         await self.run(insert, name="error_event")
+
+    # -- users, tokens and rooms ------------------------------------------------------------
+    # Password and token hashes are secrets: they never go into log_params.
+
+    async def create_user(
+        self, username: str, password_hash: str, *, is_admin: bool = False
+    ) -> str:
+        """Create user *username* with *password_hash* and return its id (a UUID4).
+
+        Raises `Conflict` when the username is taken.
+        """
+
+        async def insert(cursor: Cursor) -> str:
+            await cursor.execute(
+                "insert", "users",
+                "INSERT INTO users (id, username, password_hash, is_admin)"
+                " VALUES (gen_random_uuid(), %s, %s, %s) ON CONFLICT (username) DO NOTHING"
+                " RETURNING id",
+                (username, password_hash, is_admin),
+                log_params={"username": username, "is_admin": is_admin},
+            )  # fmt: skip
+            row = await cursor.fetchone()
+            if row is None:
+                raise Conflict(f"user {username} exists", text="user already exists")
+            return str(row[0])
+
+        return await self.run(insert, name="create_user")
+
+    async def has_users(self) -> bool:
+        """Whether any user exists."""
+
+        async def select(cursor: Cursor) -> bool:
+            await cursor.execute("select", "users", "SELECT EXISTS (SELECT 1 FROM users)")
+            row = await cursor.fetchone()
+            return bool(row and row[0])
+
+        return await self.run(select, name="has_users")
+
+    async def user_by_name(self, username: str) -> tuple[str, str, str, bool] | None:
+        """``(id, username, password_hash, is_admin)`` of *username*, or None."""
+
+        async def select(cursor: Cursor) -> tuple[str, str, str, bool] | None:
+            await cursor.execute(
+                "select", "users",
+                "SELECT id, username, password_hash, is_admin FROM users WHERE username = %s",
+                (username,), log_params={"username": username},
+            )  # fmt: skip
+            row = await cursor.fetchone()
+            return None if row is None else (str(row[0]), row[1], row[2], row[3])
+
+        return await self.run(select, name="user_by_name")
+
+    async def insert_token(self, token_hash: bytes, user_id: str, expires_at: datetime) -> None:
+        """Record a login token of *user_id* by its *token_hash*, valid until *expires_at*."""
+
+        async def insert(cursor: Cursor) -> None:
+            await cursor.execute(
+                "insert", "auth_tokens",
+                "INSERT INTO auth_tokens (token_hash, user_id, expires_at) VALUES (%s, %s, %s)",
+                (token_hash, user_id, expires_at), log_params={"user_id": user_id},
+            )  # fmt: skip
+
+        await self.run(insert, name="insert_token")
+
+    async def user_for_token(
+        self, token_hash: bytes, *, now: datetime | None = None
+    ) -> tuple[str, str, bool] | None:
+        """``(id, username, is_admin)`` owning the token with *token_hash*, or None.
+
+        Only tokens neither revoked nor expired at *now* (default: the database's clock)
+        count.
+        """
+
+        async def select(cursor: Cursor) -> tuple[str, str, bool] | None:
+            await cursor.execute(
+                "select", "auth_tokens",
+                "SELECT u.id, u.username, u.is_admin FROM auth_tokens t"
+                " JOIN users u ON u.id = t.user_id WHERE t.token_hash = %s"
+                " AND t.revoked_at IS NULL AND t.expires_at > COALESCE(%s, now())",
+                (token_hash, now),
+            )  # fmt: skip
+            row = await cursor.fetchone()
+            return None if row is None else (str(row[0]), row[1], row[2])
+
+        return await self.run(select, name="user_for_token")
+
+    async def revoke_token(self, token_hash: bytes) -> bool:
+        """Revoke the token with *token_hash*; False when it was unknown or already revoked."""
+
+        async def update(cursor: Cursor) -> bool:
+            await cursor.execute(
+                "update", "auth_tokens",
+                "UPDATE auth_tokens SET revoked_at = now()"
+                " WHERE token_hash = %s AND revoked_at IS NULL RETURNING user_id",
+                (token_hash,),
+            )  # fmt: skip
+            return await cursor.fetchone() is not None
+
+        return await self.run(update, name="revoke_token")
+
+    async def add_room_member(self, room: str, username: str) -> None:
+        """Make *username* a member of *room*; already being one is fine.
+
+        Raises `NotFound` for an unknown room or user.
+        """
+        log_params = {"room": room, "username": username}
+
+        async def insert(cursor: Cursor) -> None:
+            await cursor.execute(
+                "select", "rooms",
+                "SELECT (SELECT name FROM rooms WHERE name = %s),"
+                " (SELECT id FROM users WHERE username = %s)",
+                (room, username), log_params=log_params,
+            )  # fmt: skip
+            found_room, user_id = await cursor.fetchone() or (None, None)
+            if found_room is None:
+                raise NotFound(f"room {room}", text="room not found")
+            if user_id is None:
+                raise NotFound(f"user {username}", text="user not found")
+            await cursor.execute(
+                "insert", "room_members",
+                "INSERT INTO room_members (room, user_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (room, user_id), log_params=log_params,
+            )  # fmt: skip
+
+        await self.transaction(insert, name="add_room_member")
+
+    async def room_access(self, room: str, user_id: str) -> tuple[bool, bool] | None:
+        """``(is_private, is_member)`` of *user_id* in *room*, or None when there is no room."""
+
+        async def select(cursor: Cursor) -> tuple[bool, bool] | None:
+            await cursor.execute(
+                "select", "rooms",
+                "SELECT r.is_private, EXISTS (SELECT 1 FROM room_members m"
+                " WHERE m.room = r.name AND m.user_id = %s) FROM rooms r WHERE r.name = %s",
+                (user_id, room), log_params={"room": room, "user_id": user_id},
+            )  # fmt: skip
+            row = await cursor.fetchone()
+            return None if row is None else (row[0], row[1])
+
+        return await self.run(select, name="room_access")
+
 
 
 async def migrate(dsn: str, folder: Path = MIGRATIONS_DIR, *, timeout: float = 30.0) -> list[str]:

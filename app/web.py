@@ -12,7 +12,8 @@ from prometheus_async.aio.web import server_stats
 from actors.base import Actor
 from actors.db_monitor import DbMonitor
 from actors.supervisor import Supervisor
-from app import health, keys
+from app import api, health, keys
+from app.auth import Authenticator
 from app.config import Settings
 from app.crypto import parse_keys
 from app.log import get_logger
@@ -58,7 +59,10 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
     app[keys.SETTINGS] = settings
     app[keys.DRAINING] = {"draining": False}
     app[keys.STARTED_AT] = time.monotonic()
+    # The store only exists once _store_ctx ran, so the authenticator looks it up per use.
+    app[keys.AUTH] = Authenticator.from_settings(lambda: app[keys.STORE], settings)
     app.add_routes(health.routes)
+    app.add_routes(api.routes)
     app.router.add_get("/metrics", server_stats)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_supervisor_ctx(actors))

@@ -1,0 +1,127 @@
+"""The HTTP API: login, logout and admin room management under ``/api/v1``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from aiohttp import web
+
+from app import keys
+from app.auth import User, check_username, database_call
+from app.errors import (
+    AuthRequired,
+    Conflict,
+    Forbidden,
+    RateLimited,
+    ValidationError,
+    log_error,
+    render_error,
+)
+from app.log import get_logger
+from app.models import check_room_name
+
+log = get_logger("api")
+
+routes = web.RouteTableDef()
+
+#: Longest username or password a login may carry; longer is a bad request, not a hash job.
+MAX_CREDENTIAL_LENGTH = 1024
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValidationError("body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ValidationError("body is not a JSON object")
+    return body
+
+
+def _string_field(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value or len(value) > MAX_CREDENTIAL_LENGTH:
+        raise ValidationError(f"field {name} missing or not a short string")
+    return value
+
+
+def bearer_token(request: web.Request) -> str:
+    """The token of *request*'s ``Authorization: Bearer`` header; raises `AuthRequired`."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthRequired("no bearer token")
+    return token.strip()
+
+
+async def require_admin(request: web.Request) -> User:
+    """The admin user *request* authenticates as; raises `AuthFailed` or `Forbidden`."""
+    user = await request.app[keys.AUTH].authenticate(bearer_token(request))
+    if not user.is_admin:
+        raise Forbidden(f"user {user.id} is not an admin")
+    return user
+
+
+@routes.post("/api/v1/auth/login")
+async def login(request: web.Request) -> web.Response:
+    """``{username, password}`` → ``{token, expires_at, user}``; 401, or 429 with Retry-After."""
+    body = await _json_object(request)
+    username, password = _string_field(body, "username"), _string_field(body, "password")
+    auth = request.app[keys.AUTH]
+    # Direct peer address; trusting X-Forwarded-For from HAProxy comes with a later issue.
+    client_ip = request.remote or "unknown"
+    try:
+        token, expires_at = await auth.login(username, password, client_ip=client_ip)
+    except RateLimited as exc:
+        # trace_middleware renders errors without headers, and a 429 deserves Retry-After.
+        log_error(exc, component="api", endpoint=request.path, method=request.method)
+        return web.json_response(
+            render_error(exc, None),
+            status=exc.status,
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    user = await auth.authenticate(token)
+    return web.json_response(
+        {"token": token, "expires_at": expires_at, "user": dataclasses.asdict(user)}
+    )
+
+
+@routes.post("/api/v1/auth/logout")
+async def logout(request: web.Request) -> web.Response:
+    """Revoke the bearer token; it never authenticates again."""
+    auth = request.app[keys.AUTH]
+    token = bearer_token(request)
+    user = await auth.authenticate(token)
+    await auth.logout(token)
+    log.bind(user_id=user.id).info("logged out")
+    return web.json_response({"ok": True})
+
+
+@routes.post("/api/v1/rooms")
+async def create_room(request: web.Request) -> web.Response:
+    """Admin only: ``{name, private?}`` → 201 ``{name, private}``; 409 when it exists."""
+    admin = await require_admin(request)
+    body = await _json_object(request)
+    name = check_room_name(body.get("name"))
+    private = body.get("private", False)
+    if not isinstance(private, bool):
+        raise ValidationError("private is not a boolean")
+    if not await database_call(
+        request.app[keys.STORE].create_room(name, private=private), "room create"
+    ):
+        raise Conflict(f"room {name} exists", text="room already exists")
+    log.bind(user_id=admin.id, topic=f"room:{name}", private=private).info("room created")
+    return web.json_response({"name": name, "private": private}, status=201)
+
+
+@routes.post("/api/v1/rooms/{name}/members")
+async def add_room_member(request: web.Request) -> web.Response:
+    """Admin only: ``{username}`` joins the room; 404 for an unknown room or user."""
+    admin = await require_admin(request)
+    room = check_room_name(request.match_info["name"])
+    username = check_username((await _json_object(request)).get("username"))
+    await database_call(request.app[keys.STORE].add_room_member(room, username), "member add")
+    request.app[keys.AUTH].forget_room(room)
+    log.bind(user_id=admin.id, topic=f"room:{room}", member=username).info("room member added")
+    return web.json_response({"room": room, "username": username})

@@ -1,0 +1,408 @@
+"""Auth against a real PostgreSQL: passwords, tokens, throttling, the HTTP API and room access."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import statistics
+import time
+from datetime import UTC, datetime, timedelta
+
+import psycopg2
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from actors.db_monitor import DbMonitor
+from app import keys
+from app.auth import (
+    DUMMY_HASH,
+    ROOM_ACCESS_TTL,
+    Authenticator,
+    User,
+    check_username,
+    hash_password,
+    token_hash,
+    verify_password,
+)
+from app.config import Settings
+from app.errors import (
+    AuthFailed,
+    Conflict,
+    DatabaseError,
+    NotFound,
+    RoomAccessDenied,
+    ValidationError,
+)
+from app.log import setup_logging
+from app.ratelimit import KeyedBuckets
+from app.services import free_port
+from app.spool import Spool
+from app.store import Store
+from app.web import create_app
+
+#: The password of every user the fixtures create.
+PASSWORD = "correct horse battery staple"
+
+
+class FakeClock:
+    """Epoch seconds that only move when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock *seconds* forward."""
+        self.now += seconds
+
+
+@pytest.fixture(scope="session")
+def password_hash() -> str:
+    """One scrypt hash of PASSWORD, shared so the suite runs scrypt only where it matters."""
+    return hash_password(PASSWORD)
+
+
+@pytest.fixture
+async def store(database, tmp_path):
+    """A migrated store on a fresh database."""
+    store = Store(database, spool=Spool(tmp_path / "publish.spool"), timeout=5)
+    await store.open()
+    await store.migrate()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def users(store, password_hash) -> dict[str, str]:
+    """Ids of alice and bob (users) and root (an admin), all with PASSWORD."""
+    return {
+        "alice": await store.create_user("alice", password_hash),
+        "bob": await store.create_user("bob", password_hash),
+        "root": await store.create_user("root", password_hash, is_admin=True),
+    }
+
+
+def authenticator(store, *, clock=time.time, ttl: float = 3600, burst: float = 100):
+    """An authenticator on *store* whose throttles allow *burst* attempts per key."""
+    return Authenticator(
+        store,
+        token_ttl=ttl,
+        ip_throttle=KeyedBuckets(burst / 60, burst, clock=clock),
+        user_throttle=KeyedBuckets(burst / 60, burst, clock=clock),
+        clock=clock,
+    )
+
+
+@pytest.fixture
+def make_client(aiohttp_client, database, tmp_path, users):
+    """Start the whole app on the migrated database with *env* overrides; returns its client."""
+
+    async def make(**env: str):
+        settings = Settings.from_env(
+            {
+                "HEARTH_DATABASE_URL": database,
+                "HEARTH_SPOOL_DIR": str(tmp_path / "spool"),
+                "HEARTH_LOG_DIR": "",
+                **env,
+            }
+        )
+        # The DbMonitor owns the pool; the hub and its friends are not needed here.
+        app = create_app(settings, actors=lambda app: [DbMonitor(app[keys.STORE])])
+        return await aiohttp_client(app)
+
+    return make
+
+
+async def login(client, username: str, password: str = PASSWORD):
+    """POST a login and return the response, its body read so the connection is released."""
+    response = await client.post(
+        "/api/v1/auth/login", json={"username": username, "password": password}
+    )
+    await response.read()
+    return response
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The Authorization header for *token*."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def token_of(client, username: str) -> str:
+    """Log *username* in and return the token."""
+    response = await login(client, username)
+    assert response.status == 200
+    return (await response.json())["token"]
+
+
+def test_password_hash_is_self_describing_salted_scrypt(password_hash):
+    """A hash names scrypt and its costs, is salted afresh, and verifies only its password."""
+    pattern = r"scrypt\$16384\$8\$1\$[A-Za-z0-9+/]{22}==\$[A-Za-z0-9+/]{43}="
+    assert re.fullmatch(pattern, password_hash)
+    assert re.fullmatch(pattern, DUMMY_HASH)
+    assert hash_password(PASSWORD) != password_hash
+    assert verify_password(PASSWORD, password_hash)
+    assert not verify_password(PASSWORD + "!", password_hash)
+    malformed = ("", "plain", "md5$1$2$3$AAAA$AAAA", "scrypt$3$8$1$AAAA$AAAA", "scrypt$x$8$1$$")
+    for stored in malformed:
+        assert not verify_password(PASSWORD, stored)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(name=st.text(alphabet=st.sampled_from("ab_.-Z9 \n\u00e9/"), max_size=70))
+async def test_username_rule_matches_the_users_table_check(store, name):
+    """check_username accepts exactly the names the users table CHECK lets in."""
+    try:
+        check_username(name)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    try:
+        await store.create_user(name, "not-a-real-hash")
+        stored = True
+    except Conflict:
+        stored = True
+    except psycopg2.IntegrityError:
+        stored = False
+    assert accepted == stored
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(token=st.text(max_size=60))
+async def test_any_string_but_an_issued_token_fails_authentication(store, token):
+    """Arbitrary strings, lone surrogates included, fail with AuthFailed and nothing else."""
+    with pytest.raises(AuthFailed):
+        await authenticator(store).authenticate(token)
+
+
+async def test_login_returns_a_token_for_the_user(make_client, users):
+    """A good login answers a token, its expiry a TTL from now, and the user it authenticates."""
+    client = await make_client()
+    response = await login(client, "alice")
+    assert response.status == 200
+    body = await response.json()
+    assert body["user"] == {"id": users["alice"], "username": "alice", "is_admin": False}
+    expires_at = datetime.fromisoformat(body["expires_at"])
+    assert abs(expires_at - (datetime.now(UTC) + timedelta(hours=24))) < timedelta(minutes=1)
+    user = await client.server.app[keys.AUTH].authenticate(body["token"])
+    assert user == User(id=users["alice"], username="alice", is_admin=False)
+
+
+async def test_unknown_user_and_wrong_password_look_alike(make_client):
+    """An unknown user and a wrong password get the same 401 body after similar scrypt work."""
+    client = await make_client()
+    bodies, durations = {}, {"unknown": [], "wrong": []}
+    for _ in range(3):
+        for case, username in (("unknown", "nobody"), ("wrong", "alice")):
+            started = time.perf_counter()
+            response = await login(client, username, "not the password")
+            durations[case].append(time.perf_counter() - started)
+            assert response.status == 401
+            ctrl = (await response.json())["ctrl"]
+            del ctrl["ts"], ctrl["params"]["trace_id"]
+            bodies[case] = ctrl
+    assert bodies["unknown"] == bodies["wrong"]
+    assert bodies["wrong"] == {
+        "id": None, "code": 401, "text": "authentication failed", "params": {"error": "AUTH_FAILED"}
+    }  # fmt: skip
+    ratio = statistics.mean(durations["unknown"]) / statistics.mean(durations["wrong"])
+    assert 0.3 < ratio < 3.0
+
+
+async def test_login_is_throttled_per_client_ip(make_client):
+    """Past the per-IP rate, even a correct login gets 429 with Retry-After and retry_after."""
+    client = await make_client(HEARTH_LOGIN_RATE_PER_MIN="3", HEARTH_LOGIN_USER_RATE_PER_MIN="100")
+    for username in ("nobody1", "nobody2", "nobody3"):
+        assert (await login(client, username)).status == 401
+    response = await login(client, "alice")
+    assert response.status == 429
+    ctrl = (await response.json())["ctrl"]
+    assert ctrl["params"]["error"] == "RATE_LIMIT_EXCEEDED"
+    retry_after = ctrl["params"]["retry_after"]
+    # Three a minute refill one attempt every 20 seconds.
+    assert isinstance(retry_after, int) and 1 <= retry_after <= 20
+    assert response.headers["Retry-After"] == str(retry_after)
+
+
+async def test_login_is_throttled_per_username(make_client):
+    """Past the per-username rate that username gets 429 while another still gets checked."""
+    client = await make_client(HEARTH_LOGIN_RATE_PER_MIN="100", HEARTH_LOGIN_USER_RATE_PER_MIN="2")
+    assert (await login(client, "alice", "guess 1")).status == 401
+    assert (await login(client, "alice", "guess 2")).status == 401
+    response = await login(client, "alice")
+    assert response.status == 429
+    assert int(response.headers["Retry-After"]) >= 1
+    assert (await login(client, "bob")).status == 200
+
+
+async def test_malformed_login_requests_are_400(make_client):
+    """A login body that is not JSON, not an object, or lacks string fields is a 400."""
+    client = await make_client()
+    for data in ("{not json", "[1, 2]", '{"username": "alice"}', '{"username": 7, "password": "x"}',
+                 '{"username": "alice", "password": ""}'):  # fmt: skip
+        response = await client.post("/api/v1/auth/login", data=data)
+        assert response.status == 400, data
+        assert (await response.json())["ctrl"]["params"]["error"] == "INVALID_MESSAGE"
+
+
+async def test_logout_revokes_the_token(make_client):
+    """After logout the token no longer authenticates, so a second logout is a 401."""
+    client = await make_client()
+    token = await token_of(client, "alice")
+    response = await client.post("/api/v1/auth/logout", headers=bearer(token))
+    assert response.status == 200
+    assert await response.json() == {"ok": True}
+    again = await client.post("/api/v1/auth/logout", headers=bearer(token))
+    assert again.status == 401
+    assert (await again.json())["ctrl"]["params"]["error"] == "AUTH_FAILED"
+    with pytest.raises(AuthFailed):
+        await client.server.app[keys.AUTH].authenticate(token)
+
+
+async def test_admins_manage_rooms_and_members(make_client, users):
+    """Admins create rooms (409 twice) and add members; others get 403, no token 401."""
+    client = await make_client()
+    admin, alice = await token_of(client, "root"), await token_of(client, "alice")
+    ops = {"name": "ops", "private": True}
+
+    async def post(path: str, body: dict, token: str | None):
+        response = await client.post(path, json=body, headers=bearer(token) if token else {})
+        return response.status, (await response.json())
+
+    assert await post("/api/v1/rooms", ops, admin) == (201, ops)
+    status, body = await post("/api/v1/rooms", ops, admin)
+    assert (status, body["ctrl"]["params"]["error"]) == (409, "CONFLICT")
+    status, body = await post("/api/v1/rooms", {"name": "mine"}, alice)
+    assert (status, body["ctrl"]["params"]["error"]) == (403, "FORBIDDEN")
+    status, body = await post("/api/v1/rooms", {"name": "mine"}, None)
+    assert (status, body["ctrl"]["params"]["error"]) == (401, "AUTH_REQUIRED")
+    assert (await post("/api/v1/rooms", {"name": "no spaces"}, admin))[0] == 400
+
+    auth = client.server.app[keys.AUTH]
+    alice_user = User(id=users["alice"], username="alice", is_admin=False)
+    with pytest.raises(RoomAccessDenied):
+        await auth.check_room_access(alice_user, "ops")
+    members = "/api/v1/rooms/ops/members"
+    added = await post(members, {"username": "alice"}, admin)
+    assert added == (200, {"room": "ops", "username": "alice"})
+    assert (await post(members, {"username": "alice"}, admin))[0] == 200
+    # Adding a member drops the cached denial at once instead of after its TTL.
+    await auth.check_room_access(alice_user, "ops")
+    assert (await post(members, {"username": "alice"}, alice))[0] == 403
+    assert (await post(members, {"username": "nobody"}, admin))[0] == 404
+    assert (await post("/api/v1/rooms/nowhere/members", {"username": "alice"}, admin))[0] == 404
+
+
+async def test_expired_token_fails(store, users):
+    """A token works until its TTL has passed and fails after."""
+    clock = FakeClock()
+    auth = authenticator(store, clock=clock, ttl=60)
+    token, expires_at = await auth.login("alice", PASSWORD, client_ip="192.0.2.1")
+    assert datetime.fromisoformat(expires_at).timestamp() == pytest.approx(clock.now + 60, abs=0.01)
+    clock.advance(59)
+    assert (await auth.authenticate(token)).id == users["alice"]
+    clock.advance(2)
+    with pytest.raises(AuthFailed):
+        await auth.authenticate(token)
+
+
+async def test_tokens_are_stored_only_as_sha256(store, users, postgres, database):
+    """auth_tokens holds the SHA-256 of a token and never the token itself."""
+    auth = authenticator(store)
+    token, _ = await auth.login("alice", PASSWORD, client_ip="192.0.2.1")
+    sql = "SELECT t::text, encode(token_hash, 'hex') FROM auth_tokens t"
+    rows = postgres.psql(sql, database=database.rsplit("/", 1)[1])
+    assert token not in rows
+    assert hashlib.sha256(token.encode()).hexdigest() in rows
+    assert token_hash(token) == hashlib.sha256(token.encode()).digest()
+
+
+async def test_room_access_rules(store, users):
+    """Public rooms admit all, private ones members and admins; a missing room is not found."""
+    await store.create_room("lobby")
+    await store.create_room("ops", private=True)
+    await store.add_room_member("ops", "bob")
+    await store.add_room_member("ops", "bob")
+    auth = authenticator(store)
+    alice, bob = User(users["alice"], "alice", False), User(users["bob"], "bob", False)
+    root = User(users["root"], "root", True)
+    for user in (alice, bob, root):
+        await auth.check_room_access(user, "lobby")
+    await auth.check_room_access(bob, "ops")
+    await auth.check_room_access(root, "ops")
+    with pytest.raises(RoomAccessDenied) as denied:
+        await auth.check_room_access(alice, "ops")
+    assert (denied.value.status, denied.value.code) == (403, "ROOM_ACCESS_DENIED")
+    with pytest.raises(NotFound) as missing:
+        await auth.check_room_access(root, "nowhere")
+    assert missing.value.client_text == "room not found"
+    with pytest.raises(NotFound):
+        await store.add_room_member("ops", "nobody")
+    with pytest.raises(NotFound):
+        await store.add_room_member("nowhere", "bob")
+
+
+async def test_room_access_is_cached_and_served_stale_while_postgres_is_down(store, users):
+    """Answers are reused for their TTL, and past it only while PostgreSQL is unreachable."""
+    await store.create_room("lobby")
+    await store.create_room("ops", private=True)
+    unreachable = Store(f"postgresql://hearth@127.0.0.1:{free_port()}/hearth", timeout=1)
+    await unreachable.open()
+    current = {"store": store}
+    clock = FakeClock()
+    auth = authenticator(lambda: current["store"], clock=clock)
+    alice, bob = User(users["alice"], "alice", False), User(users["bob"], "bob", False)
+    with pytest.raises(RoomAccessDenied):
+        await auth.check_room_access(alice, "ops")
+    await store.add_room_member("ops", "alice")
+    clock.advance(ROOM_ACCESS_TTL - 1)
+    with pytest.raises(RoomAccessDenied):
+        await auth.check_room_access(alice, "ops")
+    clock.advance(1)
+    await auth.check_room_access(alice, "ops")
+
+    current["store"] = unreachable
+    try:
+        clock.advance(ROOM_ACCESS_TTL * 10)
+        await auth.check_room_access(alice, "ops")
+        with pytest.raises(DatabaseError):
+            await auth.check_room_access(bob, "lobby")
+    finally:
+        await unreachable.close()
+
+
+async def test_logs_never_hold_password_token_or_hashes(database, tmp_path, password_hash):
+    """With every query logged, login logs name the user but never a password, token or hash."""
+    stream = io.StringIO()
+    setup_logging(level="DEBUG", stream=stream)
+    store = Store(database, spool=Spool(tmp_path / "s.spool"), slow_query_ms=0)
+    await store.open()
+    try:
+        await store.migrate()
+        alice_id = await store.create_user("alice", password_hash)
+        auth = authenticator(store)
+        with pytest.raises(AuthFailed):
+            await auth.login("alice", "wrong-" + PASSWORD, client_ip="192.0.2.1")
+        token, _ = await auth.login("alice", PASSWORD, client_ip="192.0.2.1")
+        await auth.authenticate(token)
+        await auth.logout(token)
+    finally:
+        await store.close()
+        setup_logging(level="DEBUG", stream=io.StringIO())
+    captured = stream.getvalue()
+    lines = [json.loads(line) for line in captured.splitlines()]
+    failed = next(line for line in lines if line["msg"] == "login failed")
+    assert (failed["level"], failed["username"], failed["user_id"]) == ("warn", "alice", alice_id)
+    succeeded = next(line for line in lines if line["msg"] == "login succeeded")
+    assert (succeeded["level"], succeeded["user_id"]) == ("info", alice_id)
+    assert any(line["msg"] == "slow query" and line["table"] == "auth_tokens" for line in lines)
+    for secret in (PASSWORD, token, password_hash.split("$")[-1], token_hash(token).hex()):
+        assert secret not in captured
