@@ -132,10 +132,14 @@ class DbMonitor(Actor):
 
     def _transition(self, state: DbState, reason: str) -> None:
         previous, self.db_state = self.db_state, state
-        entry = log.bind(
-            attempt=self.failed_attempts, state=state.value, previous=previous.value,
-            dsn=redact_dsn(self.store.dsn), error=reason if state is not DbState.CONNECTED else None,
-        )  # fmt: skip
+        context = {
+            "attempt": self.failed_attempts,
+            "state": state.value,
+            "previous": previous.value,
+        }
+        if state is not DbState.CONNECTED:
+            context["error"] = reason
+        entry = log.bind(dsn=redact_dsn(self.store.dsn), **context)
         if state is DbState.CONNECTED:
             entry.info(
                 "database connected" if previous is DbState.DISCONNECTED else "database recovered"

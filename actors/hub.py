@@ -12,7 +12,7 @@ from typing import Any, Protocol, TypeVar
 from actors.base import Actor
 from app import metrics
 from app.connection import CLOSE_GOING_AWAY, Connection
-from app.errors import AppError, is_retryable
+from app.errors import AppError, ServerShutdown, is_retryable
 from app.log import get_logger
 from app.models import Message
 from app.protocol import Topic, data_frame, encode, error_event, event_frame
@@ -50,6 +50,8 @@ class Registry:
     )
     #: Publishes under way, awaited on shutdown so none is half-done.
     in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: False once shutdown began: later publishes are refused before they touch the store.
+    accepting: bool = True
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -323,6 +325,8 @@ class Hub(Actor):
         return self._spawn(self._publish(message))
 
     async def _publish(self, message: Publish) -> PublishResult:
+        if not self.registry.accepting:
+            raise ServerShutdown(retry_after=5)
         room = message.message.room
         await self.check_access(message.connection, room)
         async with self.registry.room_locks[room]:
@@ -377,6 +381,7 @@ class Hub(Actor):
                 connection.offer(frame)
 
     async def _handle_shutdown(self, message: Shutdown) -> asyncio.Task[None]:
+        self.registry.accepting = False
         return asyncio.create_task(self._shutdown(message))
 
     async def _shutdown(self, message: Shutdown) -> None:
@@ -386,7 +391,8 @@ class Hub(Actor):
         )
         if registry.in_flight:
             await asyncio.wait(list(registry.in_flight), timeout=message.deadline / 2)
-        for connection in list(registry.connections):
+        connections = list(registry.connections)
+        for connection in connections:
             farewell = encode(error_event(
                 "SERVER_SHUTDOWN", "server is restarting; reconnect later",
                 component="hub", severity="warning",
@@ -394,6 +400,9 @@ class Hub(Actor):
             ))  # fmt: skip
             connection.offer(farewell)
             connection.shut(CLOSE_GOING_AWAY, "server shutdown", drain=message.deadline / 4)
+        if connections:
+            closing = [asyncio.create_task(c.wait_closed()) for c in connections]
+            await asyncio.wait(closing, timeout=message.deadline / 2)
 
 
 def count_error(exc: BaseException) -> None:

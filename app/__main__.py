@@ -35,7 +35,9 @@ def _load_settings() -> Settings:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
-        log.bind(variable=exc.variable).log("FATAL", f"invalid configuration: {exc.variable} {exc.reason}")
+        log.bind(variable=exc.variable).log(
+            "FATAL", f"invalid configuration: {exc.variable} {exc.reason}"
+        )
         sys.exit(2)
     setup_logging(
         level=settings.log_level.upper(),
@@ -48,20 +50,16 @@ def _load_settings() -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve HTTP and WebSocket until SIGINT or SIGTERM."""
-    from aiohttp import web
-
-    from app.web import create_app
+    from app.web import serve
 
     settings = _load_settings()
-    log.bind(host=settings.host, port=settings.port).info("serving")
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=settings.shutdown_timeout,
-    )
+    try:
+        asyncio.run(serve(settings))
+    except OSError as exc:
+        log.bind(host=settings.host, port=settings.port, error=exc.strerror).log(
+            "FATAL", "cannot listen"
+        )
+        return 1
     return 0
 
 

@@ -170,6 +170,13 @@ class Settings:
         "Fraction of those limits at which a client gets a SLOW_CLIENT warning event.",
         minimum=0.01,
     )
+    ws_send_buffer: int = setting(
+        "HEARTH_WS_SEND_BUFFER",
+        0,
+        "Kernel send buffer per client socket in bytes (0: the kernel's autotuning). A small "
+        "one bounds memory per stalled client and finds slow clients sooner.",
+        minimum=0,
+    )
     send_timeout: float = setting(
         "HEARTH_SEND_TIMEOUT", 5.0, "Deadline of each send to a client.", minimum=0.01
     )
@@ -184,6 +191,13 @@ class Settings:
     )
     user_pub_burst: float = setting(
         "HEARTH_USER_PUB_BURST", 40.0, "Publish burst allowed per user.", minimum=1
+    )
+    drain_grace: float = setting(
+        "HEARTH_DRAIN_GRACE",
+        1.0,
+        "Seconds between readiness turning 503 on SIGTERM and clients being told to leave, "
+        "so the load balancer stops routing first.",
+        minimum=0,
     )
     shutdown_timeout: float = setting(
         "HEARTH_SHUTDOWN_TIMEOUT", 10.0, "Deadline for a graceful stop (s).", minimum=0.1
@@ -211,6 +225,10 @@ class Settings:
             raise ConfigError(variable="HEARTH_LOG_LEVEL", reason=f"must be one of {LOG_LEVELS}")
         if self.port > 65535:
             raise ConfigError(variable="HEARTH_PORT", reason="must be at most 65535")
+        if self.drain_grace >= self.shutdown_timeout:
+            raise ConfigError(
+                variable="HEARTH_DRAIN_GRACE", reason="must be below HEARTH_SHUTDOWN_TIMEOUT"
+            )
         if self.restart_max < self.restart_initial:
             raise ConfigError(
                 variable="HEARTH_RESTART_MAX", reason="must not be below HEARTH_RESTART_INITIAL"
@@ -275,7 +293,12 @@ def settings_table() -> str:
         max(len(row[i]) for row in [*rows, ("Variable", "Default", "Meaning")]) for i in range(3)
     ]
     rule = " ".join("=" * width for width in widths)
-    header = " ".join(h.ljust(w) for h, w in zip(("Variable", "Default", "Meaning"), widths, strict=True))
+    header = " ".join(
+        h.ljust(w) for h, w in zip(("Variable", "Default", "Meaning"), widths, strict=True)
+    )
     lines = [rule, header.rstrip(), rule]
-    lines += [" ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines += [
+        " ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
     return "\n".join([*lines, rule])

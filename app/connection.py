@@ -47,7 +47,6 @@ class Connection:
         close: Callable[..., Awaitable[Any]],
         *,
         limits: Limits = Limits(),
-        on_evicted: Callable[[Connection], None] | None = None,
     ) -> None:
         #: Short random id for logs.
         self.id = secrets.token_hex(6)
@@ -60,7 +59,6 @@ class Connection:
         self.limits = limits
         self._send = send
         self._close = close
-        self._on_evicted = on_evicted
         # Backlog entries: a ready frame, or a status topic whose newest frame is in _latest.
         self._backlog: deque[str | tuple[str]] = deque()
         self._latest: dict[str, str] = {}
@@ -164,8 +162,6 @@ class Connection:
             return
         self.closed_reason = reason
         self._closing = asyncio.create_task(self._shut(code, reason, farewell, drain))
-        if self._on_evicted is not None:
-            self._on_evicted(self)
 
     async def _shut(self, code: int, reason: str, farewell: str | None, drain: float) -> None:
         writer = self._writer
@@ -185,16 +181,21 @@ class Connection:
         except Exception:
             pass  # best effort: the peer may be the reason we are closing
         try:
+            # Cancelling a close that hangs on a dead peer makes aiohttp drop the transport.
             await asyncio.wait_for(self._close(code=code, message=reason.encode()), 2.0)
         except Exception as exc:
             log.bind(client_id=self.id, error=type(exc).__name__).debug("close did not complete")
+
+    async def wait_closed(self) -> None:
+        """Wait until a close started by `shut` has finished."""
+        if self._closing is not None:
+            await asyncio.gather(self._closing, return_exceptions=True)
 
     async def closed_by_peer(self) -> None:
         """Stop writing after the peer went away or the socket ended."""
         if self.closed_reason is None:
             self.closed_reason = "peer closed"
-        if self._closing is not None:
-            await asyncio.gather(self._closing, return_exceptions=True)
+        await self.wait_closed()
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)

@@ -160,7 +160,7 @@ def _check_key_id(key_id: str, position: int) -> None:
     # The id is not echoed when invalid: a mangled spec might have key material in that slot.
     if not key_id:
         raise ValueError(f"entry {position} has an empty key id")
-    if not KEY_ID.match(key_id):
+    if not KEY_ID.fullmatch(key_id):
         raise ValueError(f"entry {position} has an invalid key id; use 1-64 of A-Z a-z 0-9 _ . -")
 
 

@@ -347,12 +347,14 @@ def render_error(
 def log_error(exc: BaseException, *, component: str, **context: Any) -> None:
     """Log *exc* for *component* with *context* fields, at the level its kind deserves.
 
-    Expected client errors (status below 500) log at info, or warn for 401/403/429; server
-    errors and unknown exceptions log at error with their traceback.
+    Expected client errors (status below 500) log at info, or warn for 401/403/429;
+    recoverable server errors (a database outage, a shutdown) at warn, since whatever
+    caused them is logged where it happened; other server errors and unknown exceptions
+    log at error with their traceback.
     """
     log = get_logger(component).bind(**context)
-    if isinstance(exc, AppError) and exc.status < 500:
-        level = "WARNING" if exc.status in _WARN_STATUSES else "INFO"
+    if isinstance(exc, AppError) and (exc.status < 500 or exc.recoverable):
+        level = "WARNING" if exc.status in _WARN_STATUSES or exc.status >= 500 else "INFO"
         log = log.bind(error_code=exc.code, status=exc.status)
         if exc.detail is not None:
             log = log.bind(detail=exc.detail)

@@ -7,9 +7,13 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from weakref import WeakSet
+
+    from actors.hub import Registry
     from actors.supervisor import Supervisor
     from app.auth import Authenticator
     from app.config import Settings
+    from app.ratelimit import KeyedBuckets
     from app.store import Store
 
 #: The settings the app was built with.
@@ -20,6 +24,12 @@ STORE: web.AppKey[Store] = web.AppKey("store")
 SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor")
 #: Set once shutdown begins; readiness turns 503 at once.
 DRAINING: web.AppKey[dict[str, bool]] = web.AppKey("draining")
+#: Open WebSockets, closed with GOING_AWAY on shutdown.
+WEBSOCKETS: web.AppKey[WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")
+#: Connections and subscriptions; outlives Hub restarts.
+REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
+#: Per-user publish token buckets, shared by all of a user's connections.
+USER_PUBLISH_BUCKETS: web.AppKey[KeyedBuckets] = web.AppKey("user_publish_buckets")
 #: Monotonic time the app started, for uptime.
 STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
 #: Logs users in and guards rooms; see app/auth.py.

@@ -15,7 +15,7 @@ TRACE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 def client_trace_id(value: str | None) -> str | None:
     """Return *value* when it is an acceptable trace id, else None."""
-    if value and TRACE_ID_PATTERN.match(value):
+    if value and TRACE_ID_PATTERN.fullmatch(value):
         return value
     return None
 

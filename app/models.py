@@ -20,7 +20,7 @@ MAX_CONTENT_LENGTH = 4096
 
 def check_room_name(name: Any) -> str:
     """Return *name* when it is a valid room name, else raise `ValidationError`."""
-    if not isinstance(name, str) or not ROOM_NAME.match(name):
+    if not isinstance(name, str) or not ROOM_NAME.fullmatch(name):
         raise ValidationError(text="invalid room name")
     return name
 
@@ -68,7 +68,7 @@ class Message:
             raise MessageTooLong(params={"max_length": max_length})
         if "\x00" in content:
             raise ValidationError(text="content must not contain NUL")
-        if not isinstance(client_msg_id, str) or not CLIENT_MSG_ID.match(client_msg_id):
+        if not isinstance(client_msg_id, str) or not CLIENT_MSG_ID.fullmatch(client_msg_id):
             raise ValidationError(text="client_msg_id must be 1-64 printable ASCII characters")
         return cls(
             id=str(uuid.uuid4()),

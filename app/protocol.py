@@ -82,9 +82,9 @@ class Request:
 def parse_topic(raw: str, request_id: str | None = None) -> Topic:
     """Parse *raw* into a `Topic`, raising `BadFrame` when it names neither a room nor a feed."""
     kind, _, name = raw.partition(":")
-    if kind == "room" and ROOM_NAME.match(name):
+    if kind == "room" and ROOM_NAME.fullmatch(name):
         return Topic("room", name)
-    if kind == "status" and SOURCE_NAME.match(name):
+    if kind == "status" and SOURCE_NAME.fullmatch(name):
         return Topic("status", name)
     raise BadFrame("invalid topic", request_id)
 
@@ -98,7 +98,7 @@ def parse_request(text: str) -> Request:
     if not isinstance(frame, dict):
         raise BadFrame("frame must be a JSON object")
     request_id = frame.get("id")
-    if not isinstance(request_id, str) or not REQUEST_ID.match(request_id):
+    if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id):
         raise BadFrame("missing or invalid id")
     op = frame.get("op")
     if not isinstance(op, str):
@@ -107,7 +107,9 @@ def parse_request(text: str) -> Request:
     if spec is None:
         raise BadFrame("unknown op", request_id)
     trace_id = frame.get("trace_id")
-    if trace_id is not None and (not isinstance(trace_id, str) or not REQUEST_ID.match(trace_id)):
+    if trace_id is not None and (
+        not isinstance(trace_id, str) or not REQUEST_ID.fullmatch(trace_id)
+    ):
         raise BadFrame("trace_id must be a short string", request_id)
     fields: dict[str, Any] = {}
     for name, (types, required) in spec.items():

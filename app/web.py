@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
-from pathlib import Path
+import weakref
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from prometheus_async.aio.web import server_stats
 
 from actors.base import Actor
 from actors.db_monitor import DbMonitor
+from actors.heartbeat import Heartbeat
+from actors.hub import Announce, Deliver, Hub, Registry, Shutdown
 from actors.supervisor import Supervisor
-from app import api, health, keys
-from app.auth import Authenticator
+from app import api, health, keys, ws
+from app.auth import Authenticator, User
 from app.config import Settings
+from app.connection import Connection
 from app.crypto import parse_keys
+from app.errors import MailboxFull
 from app.log import get_logger
 from app.middleware import trace_middleware
+from app.models import Message
+from app.ratelimit import KeyedBuckets
 from app.resilience import Backoff
 from app.spool import Spool
 from app.store import Store
@@ -29,10 +38,44 @@ ActorFactory = Callable[[web.Application], list[Actor]]
 
 
 def default_actors(app: web.Application) -> list[Actor]:
-    """The actors every instance runs, in start order."""
+    """The actors every instance runs, in start order, wired to each other."""
     settings = app[keys.SETTINGS]
     options = {"mailbox_capacity": settings.mailbox_size, "stall_timeout": settings.stall_timeout}
-    return [DbMonitor(app[keys.STORE], ping_interval=settings.db_ping_interval, **options)]
+    store = app[keys.STORE]
+    hub = Hub(app[keys.REGISTRY], store, _room_access_check(app), **options)
+
+    async def deliver_drained(message: Message) -> None:
+        _cast_or_log(hub, Deliver(message))
+
+    db_monitor = DbMonitor(
+        store, ping_interval=settings.db_ping_interval, on_drained=deliver_drained, **options
+    )
+    db_monitor.listeners.append(
+        lambda component, state: _cast_or_log(
+            hub, Announce("degraded", {"component": component, "state": state})
+        )
+    )
+    heartbeat = Heartbeat(hub, interval=settings.heartbeat_interval, **options)
+    return [db_monitor, hub, heartbeat]
+
+
+def _cast_or_log(actor: Actor, message: object) -> None:
+    try:
+        actor.cast(message)
+    except MailboxFull:
+        log.bind(actor=actor.name, kind=type(message).__name__).error(
+            "mailbox full; message dropped"
+        )
+
+
+def _room_access_check(app: web.Application):
+    async def check_access(connection: Connection, room: str) -> None:
+        user = User(
+            id=connection.user_id, username=connection.username, is_admin=connection.is_admin
+        )
+        await app[keys.AUTH].check_room_access(user, room)
+
+    return check_access
 
 
 def build_store(settings: Settings) -> Store:
@@ -61,8 +104,12 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
     app[keys.STARTED_AT] = time.monotonic()
     # The store only exists once _store_ctx ran, so the authenticator looks it up per use.
     app[keys.AUTH] = Authenticator.from_settings(lambda: app[keys.STORE], settings)
+    app[keys.WEBSOCKETS] = weakref.WeakSet()
+    app[keys.REGISTRY] = Registry()
+    app[keys.USER_PUBLISH_BUCKETS] = KeyedBuckets(settings.user_pub_rate, settings.user_pub_burst)
     app.add_routes(health.routes)
     app.add_routes(api.routes)
+    app.add_routes(ws.routes)
     app.router.add_get("/metrics", server_stats)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_supervisor_ctx(actors))
@@ -99,6 +146,55 @@ def _supervisor_ctx(actors: ActorFactory):
 
 
 async def _begin_draining(app: web.Application) -> None:
-    app[keys.DRAINING]["draining"] = True
-    log.info("draining: readiness now reports 503")
+    await drain(app)
 
+
+async def drain(app: web.Application, *, grace: float = 0.0) -> None:
+    """Shutdown's first step: readiness 503 at once, then goodbye to every client.
+
+    After *grace* seconds (time for the load balancer to notice), the hub lets in-flight
+    publishes finish and sends every client SERVER_SHUTDOWN then a 1001 close. Idempotent.
+    """
+    state = app[keys.DRAINING]
+    if state["draining"]:
+        return
+    state["draining"] = True
+    log.info("draining: readiness now reports 503")
+    if grace:
+        await asyncio.sleep(grace)
+    settings = app[keys.SETTINGS]
+    supervisor = app.get(keys.SUPERVISOR)
+    if supervisor is not None:
+        deadline = settings.shutdown_timeout / 2
+        try:
+            await supervisor.get("hub").request(Shutdown(deadline=deadline), timeout=deadline + 1)
+        except Exception as exc:
+            log.bind(error=type(exc).__name__).error("hub could not say goodbye to clients")
+    for socket in list(app[keys.WEBSOCKETS]):
+        await socket.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+
+async def serve(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully within the deadline."""
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout / 4
+    )
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port).start()
+    log.bind(host=settings.host, port=settings.port).info("serving")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.bind(deadline=settings.shutdown_timeout).info("shutting down")
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(settings.shutdown_timeout):
+            await drain(app, grace=settings.drain_grace)
+            await runner.cleanup()
+    except TimeoutError:
+        log.bind(deadline=settings.shutdown_timeout).error("shutdown overran its deadline; exiting")
+        return
+    log.bind(duration_ms=round((time.monotonic() - started) * 1000)).info("shut down cleanly")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -234,6 +235,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         heartbeat=settings.ws_ping_interval,
     )
     await ws.prepare(request)
+    if settings.ws_send_buffer:
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.ws_send_buffer)
     connection = Connection(
         ws.send_str,
         ws.close,

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from app.services import LocalPostgres, LocalRedis, free_port
 
 _database_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def json_logging() -> None:
+    """Every test logs through the production JSON sinks, so formatting bugs surface anywhere."""
+    from app.log import setup_logging
+
+    setup_logging(level="INFO")
 
 
 def _throwaway_postgres() -> Iterator[LocalPostgres]:
@@ -57,3 +68,143 @@ def redis_server() -> Iterator[LocalRedis]:
 def database(postgres: LocalPostgres) -> str:
     """The DSN of a fresh, empty database for one test."""
     return postgres.create_database(f"test_{next(_database_names)}")
+
+
+class WsClient:
+    """A real WebSocket client speaking hearth's protocol, with helpers for requests."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        #: Frames received but not yet consumed by a wait.
+        self.inbox: list[dict] = []
+        self._ids = itertools.count(1)
+
+    async def send(self, **frame) -> str:
+        """Send *frame* with a fresh id unless it has one; returns the id."""
+        frame.setdefault("id", f"r{next(self._ids)}")
+        await self.ws.send_str(json.dumps(frame))
+        return frame["id"]
+
+    async def receive(self, timeout: float = 10.0) -> dict:
+        """The next frame from the server."""
+        message = await self.ws.receive(timeout=timeout)
+        if message.type is not aiohttp.WSMsgType.TEXT:
+            raise ConnectionError(f"socket ended: {message.type.name} {self.ws.close_code}")
+        return json.loads(message.data)
+
+    async def wait_for(self, predicate, timeout: float = 10.0) -> dict:
+        """The first frame (buffered or new) matching *predicate*; others stay buffered."""
+        for index, frame in enumerate(self.inbox):
+            if predicate(frame):
+                return self.inbox.pop(index)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError("no matching frame")
+            frame = await self.receive(remaining)
+            if predicate(frame):
+                return frame
+            self.inbox.append(frame)
+
+    async def request(self, op: str, timeout: float = 10.0, **fields) -> dict:
+        """Send one request and return its ctrl body."""
+        request_id = await self.send(op=op, **fields)
+        frame = await self.wait_for(lambda f: f.get("ctrl", {}).get("id") == request_id, timeout)
+        return frame["ctrl"]
+
+    def take(self, kind: str, predicate=lambda body: True) -> list[dict]:
+        """Remove and return buffered frames of *kind* ('data', 'event', 'ctrl') matching."""
+        taken = [f[kind] for f in self.inbox if kind in f and predicate(f[kind])]
+        self.inbox = [f for f in self.inbox if not (kind in f and predicate(f[kind]))]
+        return taken
+
+    async def data(self, count: int, timeout: float = 10.0) -> list[dict]:
+        """The next *count* data frames, in arrival order."""
+        frames = self.take("data")
+        while len(frames) < count:
+            frames.append((await self.wait_for(lambda f: "data" in f, timeout))["data"])
+        return frames
+
+
+class Hearth:
+    """A running hearth app on a real PostgreSQL, with users, rooms and tokens ready."""
+
+    #: Users created for every test: name -> admin flag.
+    USERS = {"alice": False, "bob": False, "carol": False, "root": True}
+    PASSWORD = "correct horse battery"
+
+    def __init__(self, server, app, database: str) -> None:
+        self.server = server
+        self.app = app
+        self.database = database
+        self.tokens: dict[str, str] = {}
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self.clients: list[WsClient] = []
+
+    @property
+    def url(self) -> str:
+        """Base URL of the server."""
+        return str(self.server.make_url("/"))
+
+    async def connect(self, user: str | None = "alice", **kwargs) -> WsClient:
+        """Open a WebSocket (authenticated as *user* unless None)."""
+        ws = await self.session.ws_connect(self.server.make_url("/ws"), **kwargs)
+        client = WsClient(ws)
+        self.clients.append(client)
+        if user is not None:
+            ctrl = await client.request("auth", token=self.tokens[user])
+            assert ctrl["code"] == 200, ctrl
+        return client
+
+    async def close(self) -> None:
+        """Close every client and the session."""
+        for client in self.clients:
+            await client.ws.close()
+        await self.session.close()
+
+
+@pytest.fixture
+async def make_hearth(database, tmp_path, aiohttp_server):
+    """Build and start hearth with HEARTH_* overrides; users and rooms are created first."""
+    from app import keys
+    from app.auth import hash_password
+    from app.config import Settings
+    from app.store import Store
+    from app.web import create_app
+
+    started: list[Hearth] = []
+
+    async def make(**env: str) -> Hearth:
+        store = Store(database)
+        await store.open()
+        await store.migrate()
+        password_hash = hash_password(Hearth.PASSWORD)
+        for name, admin in Hearth.USERS.items():
+            if await store.user_by_name(name) is None:
+                await store.create_user(name, password_hash, is_admin=admin)
+        await store.create_room("lobby")
+        await store.create_room("secret", private=True)
+        await store.add_room_member("secret", "bob")
+        await store.close()
+        settings = Settings.from_env(
+            {
+                "HEARTH_DATABASE_URL": database,
+                "HEARTH_SPOOL_DIR": str(tmp_path / "spool"),
+                "HEARTH_LOG_DIR": "",
+                "HEARTH_DB_PING_INTERVAL": "0.2",
+                **env,
+            }
+        )
+        app = create_app(settings)
+        server = await aiohttp_server(app)
+        hearth = Hearth(server, app, database)
+        for name in Hearth.USERS:
+            token, _ = await app[keys.AUTH].login(name, Hearth.PASSWORD, client_ip="127.0.0.1")
+            hearth.tokens[name] = token
+        started.append(hearth)
+        return hearth
+
+    yield make
+    for hearth in started:
+        await hearth.close()

@@ -35,7 +35,11 @@ def frame(**fields) -> str:
         (frame(op="sub", id="1", topic="room:a", since=True), "since must be an integer", "1"),
         (frame(op="sub", id="1", topic="room:a", since=-1), "since must not be negative", "1"),
         (frame(op="history", id="1", topic="room:a", limit=101), "limit must be 1..100", "1"),
-        (frame(op="history", id="1", topic="room:a", since=1, before=5), "give since or before, not both", "1"),
+        (
+            frame(op="history", id="1", topic="room:a", since=1, before=5),
+            "give since or before, not both",
+            "1",
+        ),
         (frame(op="pub", id="1", topic="room:a", content="x"), "missing field: client_msg_id", "1"),
         (frame(op="auth", id="1", token=["x"]), "token must be a string", "1"),
         (frame(op="ping", id="1", trace_id={"a": 1}), "trace_id must be a short string", "1"),
@@ -72,14 +76,29 @@ def test_any_text_parses_or_gets_a_400(text):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
 
 @given(
     st.dictionaries(
-        st.sampled_from(["op", "id", "topic", "since", "before", "limit", "content", "client_msg_id", "token", "trace_id"]),
+        st.sampled_from(
+            [
+                "op",
+                "id",
+                "topic",
+                "since",
+                "before",
+                "limit",
+                "content",
+                "client_msg_id",
+                "token",
+                "trace_id",
+            ]
+        ),
         json_values,
     )
 )
