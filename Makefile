@@ -20,6 +20,8 @@ services: $(STAMP)
 
 run: services
 	$(PY) -m app migrate
+	@# The first run creates a demo admin user and prints its password once.
+	$(PY) -m app demo
 	$(PY) -m app serve
 
 test: $(STAMP)

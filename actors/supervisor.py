@@ -11,13 +11,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from actors.base import Actor, ActorState
-from app.errors import ActorError, ActorTimeout
+from app.errors import ActorError, ActorStalled, ActorTimeout
 from app.log import get_logger
 from app.resilience import Backoff
 
 __all__ = [
     "DEFAULT_BACKOFF",
-    "ActorStalled",
     "ChildSpec",
     "Restart",
     "RestartIntensity",
@@ -30,12 +29,6 @@ log = get_logger("supervisor")
 DEFAULT_BACKOFF = Backoff(initial=1.0, base=2.0, max_delay=30.0, jitter=0.1)
 #: Seconds a child cancelled hard after the shutdown deadline gets to finish.
 _HARD_CANCEL_GRACE = 1.0
-
-
-class ActorStalled(ActorError):
-    """An actor sat on a backlog without progress and the watchdog restarted it."""
-
-    code = "ACTOR_STALLED"
 
 
 class Restart(enum.StrEnum):

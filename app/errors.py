@@ -28,6 +28,7 @@ STATUS_TEXTS: dict[int, str] = {
 #: Every error code a client may see, in ctrl replies or in events.
 ERROR_CODES: frozenset[str] = frozenset(
     {
+        "ACTOR_STALLED",
         "AUTH_FAILED",
         "AUTH_REQUIRED",
         "CIRCUIT_OPEN",
@@ -306,6 +307,12 @@ class ActorTimeout(ActorError, TimeoutError):
 
 class ActorCrashed(ActorError):
     """An actor crashed while handling a call."""
+
+
+class ActorStalled(ActorError):
+    """An actor sat on a backlog without progress and the watchdog restarted it."""
+
+    code = "ACTOR_STALLED"
 
 
 def ctrl_frame(
