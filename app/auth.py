@@ -184,6 +184,8 @@ class Authenticator:
         self.user_throttle = user_throttle
         self.clock = clock
         self._room_access: OrderedDict[tuple[str, str], _RoomAccess] = OrderedDict()
+        #: Last known privacy of each room, so a public room stays usable during an outage.
+        self._room_is_private: dict[str, bool] = {}
 
     @classmethod
     def from_settings(cls, store: Store | Callable[[], Store], settings: Settings) -> Authenticator:
@@ -282,12 +284,16 @@ class Authenticator:
         access = self._room_access.get(key)
         if access is None or now - access.checked_at >= ROOM_ACCESS_TTL:
             try:
+                if not self.store.available:
+                    # The DbMonitor already knows: don't spend a query timeout finding out.
+                    raise DatabaseError("database marked unavailable")
                 row = await database_call(self.store.room_access(room, user.id), "room access")
             except DatabaseError:
+                access = access or self._public_room_fallback(room, now)
                 if access is None:
                     raise
                 log.bind(user_id=user.id, topic=f"room:{room}").warning(
-                    "database unreachable; serving a stale room access answer"
+                    "database unreachable; serving a cached room access answer"
                 )
             else:
                 if row is None:
@@ -295,8 +301,15 @@ class Authenticator:
                     raise NotFound(text="room not found")
                 access = _RoomAccess(now, *row)
                 self._remember(key, access)
+                self._room_is_private[room] = access.is_private
         if access.is_private and not (access.is_member or user.is_admin):
             raise RoomAccessDenied(f"user {user.id} is not a member of private room {room}")
+
+    def _public_room_fallback(self, room: str, now: float) -> _RoomAccess | None:
+        # Anyone may use a room last seen public, so an outage need not lock them out.
+        if self._room_is_private.get(room) is False:
+            return _RoomAccess(now, is_private=False, is_member=False)
+        return None
 
     def _remember(self, key: tuple[str, str], access: _RoomAccess) -> None:
         self._room_access[key] = access
@@ -308,3 +321,4 @@ class Authenticator:
         """Drop the cached access answers of *room*, after its members changed here."""
         for key in [key for key in self._room_access if key[0] == room]:
             del self._room_access[key]
+        self._room_is_private.pop(room, None)

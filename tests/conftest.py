@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
+import os
 import shutil
+import socket
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,7 +170,7 @@ class Hearth:
 
 @pytest.fixture
 async def make_hearth(database, tmp_path, aiohttp_server):
-    """Build and start hearth with HEARTH_* overrides; users and rooms are created first."""
+    """Build and start hearth with HEARTH_* overrides (on *dsn*, default a fresh database)."""
     from app import keys
     from app.auth import hash_password
     from app.config import Settings
@@ -175,8 +179,9 @@ async def make_hearth(database, tmp_path, aiohttp_server):
 
     started: list[Hearth] = []
 
-    async def make(**env: str) -> Hearth:
-        store = Store(database)
+    async def make(dsn: str | None = None, **env: str) -> Hearth:
+        dsn = dsn or database
+        store = Store(dsn)
         await store.open()
         await store.migrate()
         password_hash = hash_password(Hearth.PASSWORD)
@@ -189,7 +194,7 @@ async def make_hearth(database, tmp_path, aiohttp_server):
         await store.close()
         settings = Settings.from_env(
             {
-                "HEARTH_DATABASE_URL": database,
+                "HEARTH_DATABASE_URL": dsn,
                 "HEARTH_SPOOL_DIR": str(tmp_path / "spool"),
                 "HEARTH_LOG_DIR": "",
                 "HEARTH_DB_PING_INTERVAL": "0.2",
@@ -198,7 +203,7 @@ async def make_hearth(database, tmp_path, aiohttp_server):
         )
         app = create_app(settings)
         server = await aiohttp_server(app)
-        hearth = Hearth(server, app, database)
+        hearth = Hearth(server, app, dsn)
         for name in Hearth.USERS:
             token, _ = await app[keys.AUTH].login(name, Hearth.PASSWORD, client_ip="127.0.0.1")
             hearth.tokens[name] = token
@@ -208,3 +213,51 @@ async def make_hearth(database, tmp_path, aiohttp_server):
     yield make
     for hearth in started:
         await hearth.close()
+
+
+def masked_text_frame(text: str) -> bytes:
+    """One client-to-server WebSocket text frame (clients must mask)."""
+    payload = text.encode()
+    mask = os.urandom(4)
+    header = bytes([0x81])
+    if len(payload) < 126:
+        header += bytes([0x80 | len(payload)])
+    else:
+        header += bytes([0x80 | 126]) + struct.pack("!H", len(payload))
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class StalledReader:
+    """A real WebSocket client on a tiny receive buffer that stops reading after its handshake."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            (
+                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += self.sock.recv(1)
+        assert response.startswith(b"HTTP/1.1 101"), response
+
+    def send(self, frame: dict) -> None:
+        """Send one JSON frame."""
+        self.sock.sendall(masked_text_frame(json.dumps(frame)))
+
+    def closed_by_server(self, timeout: float) -> bool:
+        """Read (at last) until the server closes the TCP connection or *timeout* passes."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+        return True

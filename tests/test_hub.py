@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
@@ -18,6 +15,7 @@ import aiohttp
 
 from app import keys, metrics
 from app.services import free_port
+from tests.conftest import StalledReader
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,54 +26,6 @@ UNLIMITED = {
     "HEARTH_USER_PUB_RATE": "100000",
     "HEARTH_USER_PUB_BURST": "100000",
 }
-
-
-def masked_text_frame(text: str) -> bytes:
-    """One client-to-server WebSocket text frame (clients must mask)."""
-    payload = text.encode()
-    mask = os.urandom(4)
-    header = bytes([0x81])
-    if len(payload) < 126:
-        header += bytes([0x80 | len(payload)])
-    else:
-        header += bytes([0x80 | 126]) + struct.pack("!H", len(payload))
-    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-class StalledReader:
-    """A real WebSocket client on a tiny receive buffer that stops reading after its handshake."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.connect(("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            (
-                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        response = b""
-        while b"\r\n\r\n" not in response:
-            response += self.sock.recv(1)
-        assert response.startswith(b"HTTP/1.1 101"), response
-
-    def send(self, frame: dict) -> None:
-        """Send one JSON frame."""
-        self.sock.sendall(masked_text_frame(json.dumps(frame)))
-
-    def closed_by_server(self, timeout: float) -> bool:
-        """Read (at last) until the server closes the TCP connection or *timeout* passes."""
-        self.sock.settimeout(timeout)
-        try:
-            while self.sock.recv(65536):
-                pass
-        except TimeoutError:
-            return False
-        except ConnectionResetError:
-            return True
-        return True
 
 
 async def test_stalled_reader_is_dropped_while_200_others_keep_receiving(make_hearth):

@@ -1,0 +1,119 @@
+"""The assembled app: probes, metrics, degradation while PostgreSQL is down, dead peers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from app import keys
+from tests.conftest import StalledReader
+
+
+def event_type(frame: dict) -> str | None:
+    """The type of an event frame, None for other frames."""
+    return frame.get("event", {}).get("type")
+
+
+async def test_live_and_ready_probes(make_hearth):
+    """Liveness answers 200 and readiness 200 once every actor runs."""
+    hearth = await make_hearth()
+    async with hearth.session.get(f"{hearth.url}health/live") as response:
+        assert response.status == 200 and (await response.json())["status"] == "alive"
+    async with hearth.session.get(f"{hearth.url}health/ready") as response:
+        body = await response.json()
+        assert response.status == 200, body
+        assert body["status"] == "ready" and body["reasons"] == []
+
+
+async def test_failed_actor_makes_readiness_503_and_the_process_lives_on(make_hearth):
+    """An actor past its restart intensity turns readiness 503 naming it; HTTP keeps serving."""
+    hearth = await make_hearth(
+        HEARTH_RESTART_INTENSITY="1", HEARTH_RESTART_INITIAL="0.01", HEARTH_RESTART_MAX="0.5"
+    )
+    hub = hearth.app[keys.SUPERVISOR].get("hub")
+
+    class Poison:
+        """A message the hub has no handler for."""
+
+    deadline = time.monotonic() + 10
+    while hub.status()["state"] != "failed":
+        assert time.monotonic() < deadline, hub.status()
+        if hub.status()["state"] == "running":
+            hub.cast(Poison())
+        await asyncio.sleep(0.02)
+    async with hearth.session.get(f"{hearth.url}health/ready") as response:
+        body = await response.json()
+        assert response.status == 503
+        assert "hub:failed" in body["reasons"]
+    async with hearth.session.get(f"{hearth.url}health/live") as response:
+        assert response.status == 200
+
+
+async def test_metrics_expose_hub_counters(make_hearth):
+    """/metrics, served by the main app, exports the hub's client and error counters."""
+    hearth = await make_hearth()
+    client = await hearth.connect("alice")
+    await client.request("sub", topic="room:nowhere")
+    async with hearth.session.get(f"{hearth.url}metrics") as response:
+        text = await response.text()
+    assert response.status == 200
+    for name in (
+        "hearth_hub_clients",
+        "hearth_hub_errors_total",
+        "hearth_slow_client_drops_total",
+        "hearth_ws_read_errors_total",
+        "hearth_ws_write_errors_total",
+        "hearth_db_query_seconds",
+    ):
+        assert name in text, name
+    assert 'hearth_hub_errors_total{code="NOT_FOUND"}' in text
+
+
+async def test_database_loss_is_announced_and_heartbeats_continue(make_hearth, own_postgres):
+    """Losing PostgreSQL sends `degraded` to clients, heartbeats keep coming, publishes spool as 202, and recovery is announced."""
+    hearth = await make_hearth(
+        dsn=own_postgres.dsn,
+        HEARTH_HEARTBEAT_INTERVAL="0.2",
+        HEARTH_DB_TIMEOUT="1",
+        HEARTH_DB_PING_INTERVAL="0.1",
+    )
+    watcher = await hearth.connect("bob")
+    publisher = await hearth.connect("alice")
+    await watcher.request("sub", topic="room:lobby")
+    await asyncio.to_thread(own_postgres.stop, "fast")
+    lost = await watcher.wait_for(lambda f: event_type(f) == "degraded", timeout=15)
+    assert lost["event"]["data"] == {"component": "database", "state": "disconnected"}
+    for _ in range(2):
+        await watcher.wait_for(lambda f: event_type(f) == "heartbeat", timeout=5)
+    ctrl = await publisher.request(
+        "pub", topic="room:lobby", content="while down", client_msg_id="d1"
+    )
+    assert ctrl["code"] == 202 and ctrl["params"]["queued"] is True
+    [announced] = await watcher.data(1)
+    assert announced["seq"] is None and announced["id"] == ctrl["params"]["id"]
+    await asyncio.to_thread(own_postgres.start)
+    back = await watcher.wait_for(
+        lambda f: event_type(f) == "degraded" and f["event"]["data"]["state"] == "connected",
+        timeout=30,
+    )
+    assert back["event"]["data"]["component"] == "database"
+    [stored] = await watcher.data(1, timeout=15)
+    assert stored["id"] == ctrl["params"]["id"] and stored["seq"] == 1
+    assert not watcher.ws.closed and not publisher.ws.closed
+
+
+async def test_peer_that_never_answers_pings_is_closed(make_hearth):
+    """A client that stops answering WebSocket pings is closed by the server."""
+    hearth = await make_hearth(HEARTH_WS_PING_INTERVAL="0.2", HEARTH_AUTH_TIMEOUT="30")
+    silent = await asyncio.to_thread(StalledReader, hearth.server.port)
+    await asyncio.to_thread(silent.send, {"op": "auth", "id": "a", "token": hearth.tokens["carol"]})
+    deadline = time.monotonic() + 10
+    while not hearth.app[keys.REGISTRY].connections:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert await asyncio.to_thread(silent.closed_by_server, 5)
+    deadline = time.monotonic() + 5
+    while hearth.app[keys.REGISTRY].connections:
+        assert time.monotonic() < deadline, "a dead peer stayed registered"
+        await asyncio.sleep(0.02)
+    silent.sock.close()
