@@ -162,51 +162,60 @@ class Hearth:
         return client
 
     async def close(self) -> None:
-        """Close every client and the session."""
+        """Close every client, the session and the server."""
         for client in self.clients:
             await client.ws.close()
         await self.session.close()
+        await self.server.close()
 
 
-@pytest.fixture
-async def make_hearth(database, tmp_path, aiohttp_server):
-    """Build and start hearth with HEARTH_* overrides (on *dsn*, default a fresh database)."""
+async def start_hearth(dsn: str, spool_dir: Path, **env: str) -> Hearth:
+    """Seed users and rooms in *dsn*, then start hearth on a free port with HEARTH_* *env*."""
+    from aiohttp.test_utils import TestServer
+
     from app import keys
     from app.auth import hash_password
     from app.config import Settings
     from app.store import Store
     from app.web import create_app
 
+    store = Store(dsn)
+    await store.open()
+    await store.migrate()
+    password_hash = hash_password(Hearth.PASSWORD)
+    for name, admin in Hearth.USERS.items():
+        if await store.user_by_name(name) is None:
+            await store.create_user(name, password_hash, is_admin=admin)
+    await store.create_room("lobby")
+    await store.create_room("secret", private=True)
+    await store.add_room_member("secret", "bob")
+    await store.close()
+    settings = Settings.from_env(
+        {
+            "HEARTH_DATABASE_URL": dsn,
+            "HEARTH_SPOOL_DIR": str(spool_dir),
+            "HEARTH_LOG_DIR": "",
+            "HEARTH_DB_PING_INTERVAL": "0.2",
+            **env,
+        }
+    )
+    app = create_app(settings)
+    server = TestServer(app)
+    await server.start_server()
+    hearth = Hearth(server, app, dsn)
+    for name in Hearth.USERS:
+        token, _ = await app[keys.AUTH].login(name, Hearth.PASSWORD, client_ip="127.0.0.1")
+        hearth.tokens[name] = token
+    return hearth
+
+
+@pytest.fixture
+async def make_hearth(database, tmp_path):
+    """Build and start hearth with HEARTH_* overrides (on *dsn*, default a fresh database)."""
     started: list[Hearth] = []
 
     async def make(dsn: str | None = None, **env: str) -> Hearth:
-        dsn = dsn or database
-        store = Store(dsn)
-        await store.open()
-        await store.migrate()
-        password_hash = hash_password(Hearth.PASSWORD)
-        for name, admin in Hearth.USERS.items():
-            if await store.user_by_name(name) is None:
-                await store.create_user(name, password_hash, is_admin=admin)
-        await store.create_room("lobby")
-        await store.create_room("secret", private=True)
-        await store.add_room_member("secret", "bob")
-        await store.close()
-        settings = Settings.from_env(
-            {
-                "HEARTH_DATABASE_URL": dsn,
-                "HEARTH_SPOOL_DIR": str(tmp_path / "spool"),
-                "HEARTH_LOG_DIR": "",
-                "HEARTH_DB_PING_INTERVAL": "0.2",
-                **env,
-            }
-        )
-        app = create_app(settings)
-        server = await aiohttp_server(app)
-        hearth = Hearth(server, app, dsn)
-        for name in Hearth.USERS:
-            token, _ = await app[keys.AUTH].login(name, Hearth.PASSWORD, client_ip="127.0.0.1")
-            hearth.tokens[name] = token
+        hearth = await start_hearth(dsn or database, tmp_path / "spool", **env)
         started.append(hearth)
         return hearth
 
