@@ -148,9 +148,9 @@ class ProtocolMachine(RuleBasedStateMachine):
             room = self.rooms[role]
             client = self.clients[user]
             ctrl = self.run(client.request("history", topic=f"room:{room}", since=0, limit=100))
+            topic = f"room:{room}"
             contents = [
-                data["content"]
-                for data in client.take("data", lambda d: d["topic"] == f"room:{room}")
+                d["content"] for d in client.take("data", lambda d, t=topic: d["topic"] == t)
             ]
             assert ctrl["params"]["count"] == len(self.stored[room])
             assert contents == self.stored[room]
