@@ -331,6 +331,8 @@ class Hub(Actor):
         await self.check_access(message.connection, room)
         async with self.registry.room_locks[room]:
             result = await self.store.publish(message.message)
+            if result.repeat:
+                return result  # subscribers saw it the first time
             self._fan_out(result.message)
         for listener in self.on_stored:
             listener(result.message)

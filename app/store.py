@@ -27,6 +27,8 @@ log = get_logger("store")
 
 #: Numbered SQL files applied by `migrate`.
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+#: How often a long spool drain reports progress, in messages.
+DRAIN_PROGRESS_EVERY = 1000
 #: pgcodes worth retrying a whole transaction for.
 RETRYABLE_PGCODES = {"40001", "40P01"}
 
@@ -48,6 +50,8 @@ class PublishResult:
 
     message: Message
     queued: bool
+    #: True when the same message was stored before: nothing new to fan out.
+    repeat: bool = False
 
     @property
     def reply(self) -> dict[str, Any]:
@@ -358,7 +362,7 @@ class Store:
             raise DatabaseError("publish without a spool")
         if self.available and self.spool.depth == 0:
             try:
-                stored = await self.store_message(message)
+                stored, created = await self._insert_message(message)
             except Exception as exc:
                 if not (_connection_lost(exc) or is_retryable(exc)):
                     raise
@@ -366,8 +370,8 @@ class Store:
                     "database unreachable; spooling the publish"
                 )
             else:
-                metrics.PUBLISHES.labels("stored").inc()
-                return PublishResult(stored, queued=False)
+                metrics.PUBLISHES.labels("stored" if created else "repeated").inc()
+                return PublishResult(stored, queued=False, repeat=not created)
         await self.spool.append(message.to_record())
         metrics.PUBLISHES.labels("spooled").inc()
         metrics.SPOOL_DEPTH.set(self.spool.depth)
@@ -378,9 +382,17 @@ class Store:
 
         Raises `NotFound` for an unknown room and `EncryptionError` when encryption fails.
         """
+        stored, _ = await self._insert_message(message)
+        return stored
+
+    async def _insert_message(self, message: Message) -> tuple[Message, bool]:
+        """Like `store_message`, also telling whether the row is new (False: a repeat).
+
+        Raises `NotFound` for an unknown room and `EncryptionError` when encryption fails.
+        """
         content, content_enc = self._seal(message)
 
-        async def insert(cursor: Cursor) -> Message:
+        async def insert(cursor: Cursor) -> tuple[Message, bool]:
             log_params = {"room": message.room, "id": message.id}
             await cursor.execute(
                 "lock", "rooms", "SELECT last_seq FROM rooms WHERE name = %s FOR UPDATE",
@@ -396,7 +408,7 @@ class Store:
             )  # fmt: skip
             existing = await cursor.fetchone()
             if existing is not None:
-                return replace(message, id=str(existing[0]), seq=existing[1])
+                return replace(message, id=str(existing[0]), seq=existing[1]), False
             seq = row[0] + 1
             await cursor.execute(
                 "insert", "messages",
@@ -410,7 +422,7 @@ class Store:
                 "update", "rooms", "UPDATE rooms SET last_seq = %s WHERE name = %s",
                 (seq, message.room), log_params={"room": message.room},
             )  # fmt: skip
-            return replace(message, seq=seq)
+            return replace(message, seq=seq), True
 
         return await self.transaction(insert, name="store_message")
 
@@ -493,20 +505,29 @@ class Store:
 
         Each is committed idempotently before the spool lets go of it. A message whose room
         no longer exists is logged at ERROR and dropped, since no retry can store it.
-        *on_stored* sees each stored message (with its seq) for fan-out.
+        *on_stored* sees each newly stored message (with its seq) for fan-out. Progress is
+        logged every `DRAIN_PROGRESS_EVERY` messages, since a long outage makes a long drain.
         """
+        committed = 0
+        pending_at_start = self.spool.depth
 
         async def commit(record: dict[str, Any]) -> None:
+            nonlocal committed
             message = Message.from_record(record)
             try:
-                stored = await self.store_message(message)
+                stored, created = await self._insert_message(message)
             except NotFound:
                 log.bind(id=message.id, topic=f"room:{message.room}").error(
                     "spooled message for a missing room dropped"
                 )
                 return
+            committed += 1
             metrics.SPOOL_DEPTH.set(max(self.spool.depth - 1, 0))
-            if on_stored is not None:
+            if committed % DRAIN_PROGRESS_EVERY == 0:
+                log.bind(committed=committed, pending_at_start=pending_at_start).info(
+                    "draining the spool"
+                )
+            if created and on_stored is not None:
                 await on_stored(stored)
 
         drained = await self.spool.drain(commit)
