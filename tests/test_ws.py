@@ -70,6 +70,8 @@ async def test_pub_is_stored_fanned_out_and_idempotent(hearth):
     )  # fmt: skip
     again = await alice.request("pub", topic="room:lobby", content="hi bob", client_msg_id="m1")
     assert again["code"] == 200 and again["params"] == ctrl["params"]
+    await bob.request("ping")  # anything sent before the pong has arrived by now
+    assert bob.take("data") == [], "a repeated publish must not be fanned out again"
     history = await bob.request("history", topic="room:lobby", since=0)
     assert history["params"]["count"] == 1
 
