@@ -17,6 +17,17 @@ async def live(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive"})
 
 
+def _checks(supervisor) -> dict[str, str]:
+    # Degraded dependencies are reported but keep the instance ready: it still serves,
+    # spooling publishes while PostgreSQL is away.
+    if supervisor is None:
+        return {}
+    try:
+        return {"database": supervisor.get("db_monitor").status()["db_state"]}
+    except KeyError:
+        return {}
+
+
 @routes.get("/health/ready")
 async def ready(request: web.Request) -> web.Response:
     """200 when every actor runs and we are not draining, else 503 with the reasons."""
@@ -38,6 +49,7 @@ async def ready(request: web.Request) -> web.Response:
     body = {
         "status": "not_ready" if reasons else "ready",
         "reasons": reasons,
+        "checks": _checks(supervisor),
         "uptime_seconds": round(time.monotonic() - app[keys.STARTED_AT], 3),
     }
     return web.json_response(body, status=503 if reasons else 200)

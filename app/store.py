@@ -17,7 +17,14 @@ from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
 from app import metrics
 from app.crypto import DecryptError, MessageCipher
-from app.errors import Conflict, DatabaseError, EncryptionError, NotFound, is_retryable
+from app.errors import (
+    Conflict,
+    DatabaseError,
+    EncryptionError,
+    NotFound,
+    SpoolFull,
+    is_retryable,
+)
 from app.log import get_logger, iso_utc, redact_dsn
 from app.models import Message
 from app.resilience import Backoff
@@ -372,7 +379,13 @@ class Store:
             else:
                 metrics.PUBLISHES.labels("stored" if created else "repeated").inc()
                 return PublishResult(stored, queued=False, repeat=not created)
-        await self.spool.append(message.to_record())
+        try:
+            await self.spool.append(message.to_record())
+        except OSError as exc:
+            # A full or failing disk: refuse the publish rather than acknowledge a loss.
+            log.bind(error=type(exc).__name__, errno=exc.errno).error("spool write failed")
+            metrics.PUBLISHES.labels("refused").inc()
+            raise SpoolFull("spool write failed") from exc
         metrics.PUBLISHES.labels("spooled").inc()
         metrics.SPOOL_DEPTH.set(self.spool.depth)
         return PublishResult(message, queued=True)

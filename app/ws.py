@@ -251,14 +251,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     )
     session = Session(app, connection)
     sockets = app[keys.WEBSOCKETS]
-    sockets.add(ws)
-    connection.start()
-    session.hub.cast(Join(connection))
     auth_deadline = asyncio.get_running_loop().call_later(
         settings.auth_timeout, _auth_timeout, session
     )
     unexpected = False
     try:
+        sockets.add(ws)
+        connection.start()
+        session.hub.cast(Join(connection))
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 await session.handle_text(message.data)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.crypto import generate_key_spec, parse_keys
-from app.errors import AppError, EncryptionError, NotFound
+from app.errors import AppError, EncryptionError, NotFound, SpoolFull
 from app.log import setup_logging
 from app.models import Message
 from app.spool import Spool
@@ -289,3 +289,13 @@ def test_migration_files_are_numbered_and_unique():
     prefixes = [Path(p).name.split("_", 1)[0] for p in MIGRATIONS_DIR.glob("*.sql")]
     assert prefixes and all(p.isdigit() for p in prefixes)
     assert len(prefixes) == len(set(prefixes))
+
+
+async def test_spool_write_failure_is_503_not_an_acknowledgement(database, tmp_path):
+    """When the spool cannot be written (here: its path is a directory), a publish gets 503 SpoolFull."""
+    (tmp_path / "publish.spool").mkdir()
+    store = Store(database, spool=Spool(tmp_path / "publish.spool"))
+    store.available = False
+    with pytest.raises(SpoolFull) as caught:
+        await store.publish(message(1))
+    assert caught.value.status == 503 and caught.value.retry_after
