@@ -36,6 +36,8 @@ log = get_logger("store")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 #: How often a long spool drain reports progress, in messages.
 DRAIN_PROGRESS_EVERY = 1000
+#: pgcodes of a server that is shutting down or restarting (admin_shutdown and friends).
+SERVER_GOING_AWAY_PGCODES = {"57P01", "57P02", "57P03"}
 #: pgcodes worth retrying a whole transaction for.
 RETRYABLE_PGCODES = {"40001", "40P01"}
 
@@ -69,9 +71,14 @@ class PublishResult:
 
 
 def _connection_lost(exc: BaseException) -> bool:
-    return isinstance(
-        exc, psycopg2.OperationalError | psycopg2.InterfaceError | TimeoutError | OSError
-    )
+    """Whether *exc* means the connection is gone, as opposed to a statement's own failure."""
+    if isinstance(exc, psycopg2.Error):
+        # SerializationFailure is an OperationalError too, but the connection is fine.
+        pgcode = exc.pgcode or ""
+        return isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError) and (
+            not pgcode or pgcode.startswith("08") or pgcode in SERVER_GOING_AWAY_PGCODES
+        )
+    return isinstance(exc, TimeoutError | OSError)
 
 
 def _error_label(exc: BaseException) -> str:

@@ -299,3 +299,54 @@ async def test_spool_write_failure_is_503_not_an_acknowledgement(database, tmp_p
     with pytest.raises(SpoolFull) as caught:
         await store.publish(message(1))
     assert caught.value.status == 503 and caught.value.retry_after
+
+
+async def test_failed_transaction_rolls_back_everything(store, postgres, database):
+    """Property 6: a transaction whose work fails leaves no trace, and the rollback is counted."""
+    from app import metrics
+
+    rollbacks = metrics.DB_ROLLBACKS.labels("doomed")._value.get()
+
+    async def doomed(cursor) -> None:
+        await cursor.execute("insert", "rooms", "INSERT INTO rooms (name) VALUES (%s)", ("ghost",))
+        raise RuntimeError("work failed halfway")
+
+    with pytest.raises(RuntimeError):
+        await store.transaction(doomed, name="doomed")
+    assert (
+        postgres.psql(
+            "SELECT count(*) FROM rooms WHERE name = 'ghost'", database=_db_name(database)
+        )
+        == "0"
+    )
+    assert metrics.DB_ROLLBACKS.labels("doomed")._value.get() == rollbacks + 1
+
+
+async def test_serialization_failures_are_retried(store):
+    """Two serializable transactions that conflict: the loser is retried and both end up applied."""
+    from app import metrics
+
+    retries = metrics.DB_TX_RETRIES.labels("bump")._value.get()
+    both_read = asyncio.Barrier(2)
+    attempts = 0
+
+    async def bump(cursor) -> int:
+        nonlocal attempts
+        attempts += 1
+        await cursor.execute("isolation", "-", "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        await cursor.execute("select", "rooms", "SELECT last_seq FROM rooms WHERE name = 'lobby'")
+        (value,) = await cursor.fetchone()
+        if attempts <= 2:
+            await both_read.wait()  # the first two attempts interleave; retries run alone
+        await cursor.execute(
+            "update", "rooms", "UPDATE rooms SET last_seq = %s WHERE name = 'lobby'", (value + 1,)
+        )
+        return value + 1
+
+    results = await asyncio.gather(
+        store.transaction(bump, name="bump"), store.transaction(bump, name="bump")
+    )
+    assert sorted(results) == [1, 2]
+    assert await store.latest_seq("lobby") == 2
+    assert attempts == 3
+    assert metrics.DB_TX_RETRIES.labels("bump")._value.get() == retries + 1
