@@ -134,6 +134,19 @@ class StatusUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class TopicEvent:
+    """An event for the subscribers of *topic* that leaves its status value in place.
+
+    ``data["code"]`` names the condition (``RPC_FAILURE``…): a lagging client gets only the
+    newest event of each code, never a queue of them.
+    """
+
+    topic: str
+    event_type: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Announce:
     """An event for every client; *conflate_key* keeps only the newest unsent one."""
 
@@ -374,6 +387,12 @@ class Hub(Actor):
         for connection in list(self.registry.subscribers.get(message.topic, ())):
             connection.offer_latest(message.topic, frame)
 
+    async def _handle_topic_event(self, message: TopicEvent) -> None:
+        frame = encode(event_frame(message.event_type, message.data))
+        conflate_key = f"{message.topic}#{message.data['code']}"
+        for connection in list(self.registry.subscribers.get(message.topic, ())):
+            connection.offer_latest(conflate_key, frame)
+
     async def _handle_announce(self, message: Announce) -> None:
         frame = encode(event_frame(message.event_type, message.data))
         for connection in list(self.registry.connections):
@@ -416,5 +435,5 @@ def count_error(exc: BaseException) -> None:
 __all__ = [
     "Announce", "CatchUp", "Deliver", "History", "Hub", "Join", "Leave",
     "PresenceQuery", "Publish", "Registry", "Shutdown", "StatusUpdate", "Subscribe",
-    "Unsubscribe", "count_error",
+    "TopicEvent", "Unsubscribe", "count_error",
 ]  # fmt: skip

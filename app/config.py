@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from app.errors import ConfigError
+from app.sources import load_sources
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -192,6 +193,30 @@ class Settings:
     user_pub_burst: float = setting(
         "HEARTH_USER_PUB_BURST", 40.0, "Publish burst allowed per user.", minimum=1
     )
+    event_sources: str = setting(
+        "HEARTH_EVENT_SOURCES",
+        "",
+        "Status feed upstreams: a JSON list of {name, url, kind, method, interval, timeout, "
+        "params}, or @/path/to/file.json. The built-in system_status feed is always on.",
+    )
+    event_interval: float = setting(
+        "HEARTH_EVENT_INTERVAL", 5.0, "Default seconds between status feed polls.", minimum=0.05
+    )
+    event_timeout: float = setting(
+        "HEARTH_EVENT_TIMEOUT", 3.0, "Default deadline of each upstream call (s).", minimum=0.01
+    )
+    breaker_open_seconds: float = setting(
+        "HEARTH_BREAKER_OPEN_SECONDS",
+        30.0,
+        "Seconds an upstream's circuit breaker stays open after 3 consecutive failures.",
+        minimum=0.01,
+    )
+    breaker_probe_seconds: float = setting(
+        "HEARTH_BREAKER_PROBE_SECONDS",
+        10.0,
+        "Seconds between health probes of an upstream whose breaker is open.",
+        minimum=0.01,
+    )
     drain_grace: float = setting(
         "HEARTH_DRAIN_GRACE",
         1.0,
@@ -243,6 +268,7 @@ class Settings:
                 raise ConfigError(variable="HEARTH_MESSAGE_KEY", reason=str(exc)) from None
         if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(variable="HEARTH_REDIS_URL", reason="must be a redis:// URL")
+        load_sources(self)
 
     @classmethod
     def documented(cls) -> list[tuple[str, str, str]]:

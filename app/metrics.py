@@ -34,3 +34,12 @@ WS_READ_ERRORS = Counter("hearth_ws_read_errors_total", "WebSocket read errors."
 WS_WRITE_ERRORS = Counter("hearth_ws_write_errors_total", "WebSocket write errors.")
 #: Clients that went away without a close handshake.
 CLIENT_DISCONNECTS = Counter("hearth_client_disconnects_total", "Unexpected client disconnects.")
+#: Circuit breaker transitions of status feed upstreams, by source and the state entered.
+BREAKER_TRANSITIONS = Counter(
+    "hearth_breaker_transitions_total", "Upstream circuit breaker transitions.", ["source", "state"]
+)
+#: Status feed upstream calls by source and outcome: ok, timeout, connection_error,
+#: http_status, invalid_reply, rpc_error, error, or rejected (breaker open: no call made).
+UPSTREAM_CALLS = Counter(
+    "hearth_upstream_calls_total", "Status feed upstream calls by outcome.", ["source", "outcome"]
+)

@@ -168,7 +168,12 @@ def event_frame(event_type: str, data: dict[str, Any]) -> dict[str, Any]:
     return {"event": {"type": event_type, "ts": utc_now_iso(), "data": data}}
 
 
-def error_event(
+def error_event(code: str, message: str, **fields: Any) -> dict[str, Any]:
+    """An ``error`` event frame; *code*, *message* and *fields* are as for :func:`error_data`."""
+    return event_frame("error", error_data(code, message, **fields))
+
+
+def error_data(
     code: str,
     message: str,
     *,
@@ -179,7 +184,12 @@ def error_event(
     trace_id: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """An ``error`` event: *code* is a string code such as ``SLOW_CLIENT``; *message* is safe text."""
+    """The ``data`` of an ``error`` event: *code* is a string code such as ``SLOW_CLIENT``.
+
+    *message* is safe text for clients, *component* the part of hearth reporting it,
+    *severity* one of info, warning, error or critical, *recoverable* whether retrying
+    later may help; *retry_after_ms*, *trace_id* and *extra* fields are added when given.
+    """
     data: dict[str, Any] = {
         "code": code,
         "message": message,
@@ -192,4 +202,4 @@ def error_event(
     if trace_id is not None:
         data["trace_id"] = trace_id
     data.update(extra)
-    return event_frame("error", data)
+    return data

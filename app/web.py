@@ -14,6 +14,7 @@ from prometheus_async.aio.web import server_stats
 
 from actors.base import Actor
 from actors.db_monitor import DbMonitor
+from actors.events import EventSubscriber
 from actors.heartbeat import Heartbeat
 from actors.hub import Announce, Deliver, Hub, Registry, Shutdown
 from actors.supervisor import Supervisor
@@ -28,6 +29,7 @@ from app.middleware import trace_middleware
 from app.models import Message
 from app.ratelimit import KeyedBuckets
 from app.resilience import Backoff
+from app.sources import load_sources
 from app.spool import Spool
 from app.store import Store
 
@@ -55,8 +57,18 @@ def default_actors(app: web.Application) -> list[Actor]:
             hub, Announce("degraded", {"component": component, "state": state})
         )
     )
-    heartbeat = Heartbeat(hub, interval=settings.heartbeat_interval, **options)
-    return [db_monitor, hub, heartbeat]
+    events = EventSubscriber(
+        hub,
+        load_sources(settings),
+        open_seconds=settings.breaker_open_seconds,
+        probe_seconds=settings.breaker_probe_seconds,
+        disk_path=settings.spool_dir,
+        **options,
+    )
+    heartbeat = Heartbeat(
+        hub, interval=settings.heartbeat_interval, feeds=events.feed_times, **options
+    )
+    return [db_monitor, hub, events, heartbeat]
 
 
 def _cast_or_log(actor: Actor, message: object) -> None:
