@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 from actors.base import Actor
 from actors.hub import Announce, Hub
 from app.errors import MailboxFull
-from app.log import get_logger
+from app.log import get_logger, utc_now_iso
 
 log = get_logger("heartbeat")
 
@@ -51,7 +50,7 @@ class Heartbeat(Actor):
 
     async def _handle_beat(self, message: Beat) -> None:
         data = {
-            "timestamp": time.time(),
+            "timestamp": utc_now_iso(),
             "clients_connected": len(self.hub.registry.connections),
             "feeds": self.feeds(),
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import aiohttp
 import pytest
@@ -238,7 +239,10 @@ async def test_heartbeat_reaches_every_client(make_hearth):
     client = await hearth.connect("alice")
     beat = await client.wait_for(lambda f: f.get("event", {}).get("type") == "heartbeat")
     assert beat["event"]["data"]["clients_connected"] >= 1
-    assert "timestamp" in beat["event"]["data"] and "feeds" in beat["event"]["data"]
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", beat["event"]["data"]["timestamp"]
+    )
+    assert "system_status" in beat["event"]["data"]["feeds"]
 
 
 async def test_exactly_one_ctrl_per_request_id(hearth):
