@@ -132,6 +132,12 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = build_store(app[keys.SETTINGS])
     app[keys.STORE] = store
+    # Scan the spool off the event loop now, not on the first publish.
+    pending = await asyncio.to_thread(lambda: store.spool.depth if store.spool else 0)
+    if pending:
+        log.bind(spool_depth=pending).warning(
+            "spool holds messages from an earlier run; they drain once PostgreSQL answers"
+        )
     yield
     await store.close()
 
