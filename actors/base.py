@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from app.errors import ActorCrashed, ActorTimeout, AppError, MailboxFull
+from app.log import trace_id_var
 
 __all__ = ["Actor", "ActorState", "Timer", "describe_error"]
 
@@ -49,6 +50,15 @@ class _Call:
 
     message: object
     reply: asyncio.Future[Any]
+    trace_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Traced:
+    """A cast message with the trace id of its sender, so the handler logs under it."""
+
+    message: object
+    trace_id: str
 
 
 class Timer:
@@ -153,7 +163,8 @@ class Actor:
 
         Raises :class:`~app.errors.MailboxFull` when the mailbox is at capacity.
         """
-        self._put(message)
+        trace_id = trace_id_var.get()
+        self._put(_Traced(message, trace_id) if trace_id else message)
 
     async def call(self, message: object, timeout: float = 5.0) -> Any:  # noqa: ASYNC109 (gen_server call/2)
         """Send *message* and return the handler's reply, waiting at most *timeout* seconds.
@@ -164,7 +175,7 @@ class Actor:
         :class:`~app.errors.ActorCrashed` chained from it.
         """
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._put(_Call(message, reply))
+        self._put(_Call(message, reply, trace_id_var.get()))
         scope = asyncio.timeout(timeout)
         try:
             async with scope:
@@ -298,6 +309,15 @@ class Actor:
         return item
 
     async def _dispatch(self, item: object) -> None:
+        # The handler, and any task it starts, logs under the sender's trace id.
+        trace_id = item.trace_id if isinstance(item, _Call | _Traced) else None
+        token = trace_id_var.set(trace_id)
+        try:
+            await self._dispatch_traced(item.message if isinstance(item, _Traced) else item)
+        finally:
+            trace_id_var.reset(token)
+
+    async def _dispatch_traced(self, item: object) -> None:
         if not isinstance(item, _Call):
             await self._handler_for(item)(item)
             return

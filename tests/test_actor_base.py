@@ -488,3 +488,33 @@ def test_mailbox_accounting(ops: list[bool], capacity: int) -> None:
         "capacity": capacity,
         "rejections": rejections,
     }
+
+
+async def test_handlers_run_under_the_senders_trace_id():
+    """A cast or call made inside a trace context is handled under the same trace id."""
+    from dataclasses import dataclass
+
+    from app.log import trace_context, trace_id_var
+
+    @dataclass(frozen=True)
+    class Where:
+        """Asks the actor which trace id it handles under."""
+
+    class Tracer(Actor):
+        seen: list[str | None] = []
+
+        async def _handle_where(self, message: Where) -> str | None:
+            self.seen.append(trace_id_var.get())
+            return trace_id_var.get()
+
+    tracer = Tracer("tracer")
+    task = asyncio.create_task(tracer.run())
+    with trace_context("t-call"):
+        assert await tracer.call(Where()) == "t-call"
+    with trace_context("t-cast"):
+        tracer.cast(Where())
+    tracer.cast(Where())
+    await tracer.call(Where())
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert tracer.seen == ["t-call", "t-cast", None, None]

@@ -311,3 +311,25 @@ async def test_garbage_frames_get_400_and_never_hurt_others(hearth, frames):
     assert (await bystander.request("ping"))["code"] == 200
     assert hearth.app[keys.SUPERVISOR].ready
     await attacker.ws.close()
+
+
+async def test_trace_id_flows_from_frame_through_hub_into_store_logs(make_hearth):
+    """A frame's trace_id reaches the log lines the hub and the store write for it."""
+    import io
+
+    from app.log import setup_logging
+
+    hearth = await make_hearth(HEARTH_SLOW_QUERY_MS="0")
+    client = await hearth.connect("alice")
+    stream = io.StringIO()
+    setup_logging(level="INFO", stream=stream)
+    try:
+        ctrl = await client.request(
+            "pub", topic="room:lobby", content="traced", client_msg_id="t1", trace_id="trace-abc"
+        )
+    finally:
+        setup_logging(level="INFO")
+    assert ctrl["code"] == 200
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    store_lines = [r for r in records if r["component"] == "store" and r["msg"] == "slow query"]
+    assert store_lines and all(r.get("trace_id") == "trace-abc" for r in store_lines)
