@@ -74,6 +74,15 @@ def database(postgres: LocalPostgres) -> str:
     return postgres.create_database(f"test_{next(_database_names)}")
 
 
+async def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll *predicate* until it holds, failing the test after *timeout* seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout}s")
+        await asyncio.sleep(0.02)
+
+
 class WsClient:
     """A real WebSocket client speaking hearth's protocol, with helpers for requests."""
 

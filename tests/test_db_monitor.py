@@ -22,6 +22,7 @@ from app.resilience import Backoff
 from app.services import LocalPostgres, free_port
 from app.spool import Spool
 from app.store import Store
+from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST_BACKOFF = Backoff(initial=0.05, base=2.0, max_delay=0.4, jitter=0.0)
@@ -39,15 +40,6 @@ def log_stream():
 def lines(stream: io.StringIO) -> list[dict]:
     """The JSON log records written so far."""
     return [json.loads(line) for line in stream.getvalue().splitlines()]
-
-
-async def wait_until(predicate, timeout: float = 30.0) -> None:
-    """Poll *predicate* until it holds, failing the test after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def prepared_store(server: LocalPostgres, spool_path: Path, **options) -> Store:
