@@ -31,6 +31,8 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check app actors tests
+	$(PY) -m ruff format --check app actors tests
+	$(PY) -m mypy app actors
 
 stop:
 	@if [ -x $(PY) ]; then $(PY) -m app services stop; fi

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -39,8 +38,7 @@ def describe_error(error: BaseException) -> dict[str, str]:
     return {"type": type(error).__name__, "message": code}
 
 
-@functools.cache
-def _handler_name(message_type: type) -> str:
+def _handler_name(message_type: type[Any]) -> str:
     return "_handle_" + _WORD_BOUNDARY.sub("_", message_type.__name__).lower()
 
 
@@ -335,7 +333,7 @@ class Actor:
             item.reply.set_result(result)
 
     def _handler_for(self, message: object) -> Callable[[Any], Awaitable[Any]]:
-        message_type = type(message)
+        message_type: type[Any] = type(message)
         handler = self._handlers.get(message_type)
         if handler is None:
             handler = getattr(self, _handler_name(message_type), None)

@@ -180,6 +180,7 @@ class DbMonitor(Actor):
         try:
             await self.store.drain_spool(self.on_drained)
         except Exception as exc:
-            log.bind(error=type(exc).__name__, spool_depth=self.store.spool.depth).warning(
+            spool = self.store.spool
+            log.bind(error=type(exc).__name__, spool_depth=spool.depth if spool else 0).warning(
                 "spool drain interrupted; resuming after the next good ping"
             )

@@ -273,7 +273,7 @@ class Hub(Actor):
                 page = await self.store.history(message.topic.name, since=last, limit=100)
                 for stored in page:
                     connection.offer(encode(data_frame(stored)))
-                    last = stored.seq
+                    last = stored.seq or last
                 sent += len(page)
                 if len(page) < 100:
                     break

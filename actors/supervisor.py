@@ -7,7 +7,7 @@ import enum
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from actors.base import Actor, ActorState
@@ -116,7 +116,7 @@ class Supervisor:
 
     def __init__(
         self,
-        children: list[ChildSpec | Actor],
+        children: Sequence[ChildSpec | Actor],
         *,
         intensity: int = 5,
         period: float = 60.0,
@@ -314,7 +314,9 @@ class Supervisor:
             child.exited.set()
         if child.interrupt is not None:
             # We cancelled the incarnation ourselves; the restart loop itself goes on.
-            asyncio.current_task().uncancel()
+            current = asyncio.current_task()
+            assert current is not None  # we run inside the restart loop's task
+            current.uncancel()
             error, child.interrupt = child.interrupt, None
         return error
 

@@ -280,7 +280,7 @@ class Settings:
 
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     env = f.metadata["env"]
-    kind = type(f.default)
+    kind: Any = type(f.default)
     try:
         if kind is bool:
             lowered = raw.lower()

@@ -353,10 +353,7 @@ class Store:
                 )  # fmt: skip
 
             try:
-                await self.run(
-                    lambda cursor, apply=apply: self._in_transaction(cursor, apply, "migrate"),
-                    name="migrate",
-                )
+                await self.transaction(apply, name="migrate")
             except psycopg2.Error as exc:
                 log.bind(file=path.name, error=_error_label(exc)).log("FATAL", "migration failed")
                 raise MigrationFailed(path.name) from exc
@@ -366,15 +363,19 @@ class Store:
 
     # -- messages ---------------------------------------------------------------------------
 
+    def _spool(self) -> Spool:
+        if self.spool is None:
+            raise DatabaseError("this store has no spool")  # only the migrate command's has none
+        return self.spool
+
     async def publish(self, message: Message) -> PublishResult:
         """Store *message* (200 with seq) or, with PostgreSQL away, spool it (202).
 
         While the spool holds anything, new messages queue behind it so that a room's
         seq order follows acceptance order. Raises `SpoolFull` when neither is possible.
         """
-        if self.spool is None:
-            raise DatabaseError("publish without a spool")
-        if self.available and self.spool.depth == 0:
+        spool = self._spool()
+        if self.available and spool.depth == 0:
             try:
                 stored, created = await self._insert_message(message)
             except Exception as exc:
@@ -387,14 +388,14 @@ class Store:
                 metrics.PUBLISHES.labels("stored" if created else "repeated").inc()
                 return PublishResult(stored, queued=False, repeat=not created)
         try:
-            await self.spool.append(message.to_record())
+            await spool.append(message.to_record())
         except OSError as exc:
             # A full or failing disk: refuse the publish rather than acknowledge a loss.
             log.bind(error=type(exc).__name__, errno=exc.errno).error("spool write failed")
             metrics.PUBLISHES.labels("refused").inc()
             raise SpoolFull("spool write failed") from exc
         metrics.PUBLISHES.labels("spooled").inc()
-        metrics.SPOOL_DEPTH.set(self.spool.depth)
+        metrics.SPOOL_DEPTH.set(spool.depth)
         return PublishResult(message, queued=True)
 
     async def store_message(self, message: Message) -> Message:
@@ -528,8 +529,9 @@ class Store:
         *on_stored* sees each newly stored message (with its seq) for fan-out. Progress is
         logged every `DRAIN_PROGRESS_EVERY` messages, since a long outage makes a long drain.
         """
+        spool = self._spool()
         committed = 0
-        pending_at_start = self.spool.depth
+        pending_at_start = spool.depth
 
         async def commit(record: dict[str, Any]) -> None:
             nonlocal committed
@@ -542,7 +544,7 @@ class Store:
                 )
                 return
             committed += 1
-            metrics.SPOOL_DEPTH.set(max(self.spool.depth - 1, 0))
+            metrics.SPOOL_DEPTH.set(max(spool.depth - 1, 0))
             if committed % DRAIN_PROGRESS_EVERY == 0:
                 log.bind(committed=committed, pending_at_start=pending_at_start).info(
                     "draining the spool"
@@ -550,8 +552,8 @@ class Store:
             if created and on_stored is not None:
                 await on_stored(stored)
 
-        drained = await self.spool.drain(commit)
-        metrics.SPOOL_DEPTH.set(self.spool.depth)
+        drained = await spool.drain(commit)
+        metrics.SPOOL_DEPTH.set(spool.depth)
         if drained:
             log.bind(count=drained).info("spool drained")
         return drained

@@ -8,6 +8,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import WSCloseCode, web
 from prometheus_async.aio.web import server_stats
@@ -42,7 +43,10 @@ ActorFactory = Callable[[web.Application], list[Actor]]
 def default_actors(app: web.Application) -> list[Actor]:
     """The actors every instance runs, in start order, wired to each other."""
     settings = app[keys.SETTINGS]
-    options = {"mailbox_capacity": settings.mailbox_size, "stall_timeout": settings.stall_timeout}
+    options: dict[str, Any] = {
+        "mailbox_capacity": settings.mailbox_size,
+        "stall_timeout": settings.stall_timeout,
+    }
     store = app[keys.STORE]
     hub = Hub(app[keys.REGISTRY], store, _room_access_check(app), **options)
 
@@ -82,6 +86,8 @@ def _cast_or_log(actor: Actor, message: object) -> None:
 
 def _room_access_check(app: web.Application):
     async def check_access(connection: Connection, room: str) -> None:
+        # Sessions only reach the hub's room operations once authenticated.
+        assert connection.user_id is not None and connection.username is not None
         user = User(
             id=connection.user_id, username=connection.username, is_admin=connection.is_admin
         )
@@ -185,10 +191,13 @@ async def drain(app: web.Application, *, grace: float = 0.0) -> None:
     if supervisor is not None:
         deadline = settings.shutdown_timeout / 2
         try:
-            await supervisor.get("hub").request(Shutdown(deadline=deadline), timeout=deadline + 1)
+            hub = supervisor.get("hub")
+            assert isinstance(hub, Hub)
+            await hub.request(Shutdown(deadline=deadline), timeout=deadline + 1)
         except Exception as exc:
             log.bind(error=type(exc).__name__).error("hub could not say goodbye to clients")
-    for socket in list(app[keys.WEBSOCKETS]):
+    sockets: weakref.WeakSet[web.WebSocketResponse] = app[keys.WEBSOCKETS]
+    for socket in list(sockets):
         await socket.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
 
