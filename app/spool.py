@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine
@@ -204,6 +205,15 @@ class Spool:
                         self._offset = entry.end
                 finally:
                     await self._to_completion(asyncio.to_thread(self._save_offset, self._offset))
+
+    def pending_records(self) -> list[dict[str, Any]]:
+        """Every pending record, oldest first, skipping corrupt ones.
+
+        It reads the file, so call it off the event loop (``asyncio.to_thread``).
+        """
+        self._ensure_recovered()
+        entries = self._read(self._offset, self._size, sys.maxsize)
+        return [entry.record for entry in entries if entry.record is not None]
 
     def _ensure_recovered(self) -> None:
         if not self._recovered:

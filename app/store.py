@@ -165,6 +165,9 @@ class Store:
         self.tx_backoff = tx_backoff
         #: Set by the DbMonitor: False sends publishes straight to the spool.
         self.available = True
+        # (sender, client_msg_id) -> id of the spooled message, so a retried publish gets
+        # the same answer while the first one still waits in the spool.
+        self._spooled_ids: dict[tuple[str, str], str] = {}
         self._pool: aiopg.Pool | None = None
 
     def __repr__(self) -> str:
@@ -363,6 +366,17 @@ class Store:
 
     # -- messages ---------------------------------------------------------------------------
 
+    async def load_spool(self) -> int:
+        """Read what an earlier run left in the spool (off the event loop); return its depth.
+
+        Afterwards a retried publish of a spooled message gets the first answer again.
+        """
+        spool = self._spool()
+        records = await asyncio.to_thread(spool.pending_records)
+        for record in records:
+            self._spooled_ids[(record["sender"], record["client_msg_id"])] = record["id"]
+        return len(records)
+
     def _spool(self) -> Spool:
         if self.spool is None:
             raise DatabaseError("this store has no spool")  # only the migrate command's has none
@@ -387,6 +401,11 @@ class Store:
             else:
                 metrics.PUBLISHES.labels("stored" if created else "repeated").inc()
                 return PublishResult(stored, queued=False, repeat=not created)
+        key = (message.sender, message.client_msg_id)
+        if key in self._spooled_ids:
+            metrics.PUBLISHES.labels("repeated").inc()
+            first = replace(message, id=self._spooled_ids[key])
+            return PublishResult(first, queued=True, repeat=True)
         try:
             await spool.append(message.to_record())
         except OSError as exc:
@@ -394,6 +413,7 @@ class Store:
             log.bind(error=type(exc).__name__, errno=exc.errno).error("spool write failed")
             metrics.PUBLISHES.labels("refused").inc()
             raise SpoolFull("spool write failed") from exc
+        self._spooled_ids[key] = message.id
         metrics.PUBLISHES.labels("spooled").inc()
         metrics.SPOOL_DEPTH.set(spool.depth)
         return PublishResult(message, queued=True)
@@ -544,6 +564,7 @@ class Store:
                 )
                 return
             committed += 1
+            self._spooled_ids.pop((message.sender, message.client_msg_id), None)
             metrics.SPOOL_DEPTH.set(max(spool.depth - 1, 0))
             if committed % DRAIN_PROGRESS_EVERY == 0:
                 log.bind(committed=committed, pending_at_start=pending_at_start).info(

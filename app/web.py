@@ -138,8 +138,8 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = build_store(app[keys.SETTINGS])
     app[keys.STORE] = store
-    # Scan the spool off the event loop now, not on the first publish.
-    pending = await asyncio.to_thread(lambda: store.spool.depth if store.spool else 0)
+    # Scan the spool now, off the event loop, rather than on the first publish.
+    pending = await store.load_spool()
     if pending:
         log.bind(spool_depth=pending).warning(
             "spool holds messages from an earlier run; they drain once PostgreSQL answers"

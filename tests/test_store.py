@@ -350,3 +350,32 @@ async def test_serialization_failures_are_retried(store):
     assert await store.latest_seq("lobby") == 2
     assert attempts == 3
     assert metrics.DB_TX_RETRIES.labels("bump")._value.get() == retries + 1
+
+
+async def test_retry_while_spooled_gets_the_first_answer_even_after_restart(database, tmp_path):
+    """A publish retried while the first copy waits in the spool gets the same id, also after a restart, and one row results."""
+    path = tmp_path / "publish.spool"
+    first_run = Store(database, spool=Spool(path))
+    first_run.available = False
+    first = await first_run.publish(message(1))
+    again = await first_run.publish(
+        Message.accept(room="lobby", sender="alice", content="resent", client_msg_id="c-1")
+    )
+    assert first.queued and again.queued and again.repeat
+    assert again.reply == first.reply
+    assert first_run.spool.depth == 1
+
+    second_run = Store(database, spool=Spool(path))
+    assert await second_run.load_spool() == 1
+    second_run.available = False
+    after_restart = await second_run.publish(message(1))
+    assert after_restart.reply == first.reply and second_run.spool.depth == 1
+
+    await second_run.open()
+    await second_run.migrate()
+    await second_run.create_room("lobby")
+    second_run.available = True
+    assert await second_run.drain_spool() == 1
+    [stored] = await second_run.history("lobby", since=0)
+    await second_run.close()
+    assert (stored.id, stored.seq, stored.content) == (first.message.id, 1, "hello 1")
