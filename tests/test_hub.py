@@ -220,3 +220,48 @@ async def _shutdown_scenario(server: subprocess.Popen, base: str, database: str)
             "reconnect_after_ms": reconnect_after_ms,
             "exit_seconds": time.monotonic() - signalled,
         }
+
+
+async def test_status_values_and_feed_errors_are_conflated_for_a_lagging_client():
+    """A client that lags behind a status feed gets only the newest value and the newest event of each code."""
+    from actors.hub import Hub, Registry, StatusUpdate, TopicEvent
+    from app.connection import Connection
+
+    sent: list[str] = []
+    flowing = asyncio.Event()
+
+    async def send(frame: str) -> None:
+        await flowing.wait()
+        sent.append(frame)
+
+    async def close(**_) -> None:
+        pass
+
+    registry = Registry()
+    hub = Hub(registry, store=None, check_access=None)  # status traffic never touches either
+    running = asyncio.create_task(hub.run())
+    connection = Connection(send, close)
+    connection.start()
+    registry.connections.add(connection)
+    connection.topics.add("status:agent_status")
+    registry.subscribers["status:agent_status"].add(connection)
+    for index in range(100):
+        hub.cast(StatusUpdate("status:agent_status", "agent_status", {"value": index}))
+        for code in ("RPC_FAILURE", "CIRCUIT_OPEN"):
+            hub.cast(TopicEvent("status:agent_status", "error", {"code": code, "n": index}))
+    await wait_until(lambda: hub.mailbox.empty(), 5, "the hub's backlog")
+    flowing.set()
+    await wait_until(lambda: len(sent) >= 3, 5, "the conflated frames")
+    await asyncio.sleep(0.05)
+    frames = [json.loads(frame)["event"] for frame in sent]
+    # One early frame may have been in flight before the client stalled; the rest conflate.
+    assert len(frames) <= 4
+    newest = {(f["type"], f["data"].get("code")): f["data"] for f in frames}
+    assert newest == {
+        ("agent_status", None): {"value": 99},
+        ("error", "RPC_FAILURE"): {"code": "RPC_FAILURE", "n": 99},
+        ("error", "CIRCUIT_OPEN"): {"code": "CIRCUIT_OPEN", "n": 99},
+    }
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    await connection.closed_by_peer()
