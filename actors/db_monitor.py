@@ -34,6 +34,15 @@ class Ping:
     """Time to check the connection."""
 
 
+@dataclass(frozen=True, slots=True)
+class RecordTransition:
+    """Another component's state change, to be kept in ``connection_events``."""
+
+    component: str
+    state: str
+    previous: str
+
+
 #: Called with (component, state) on every transition, e.g. to tell clients about degradation.
 StateListener = Callable[[str, str], None]
 
@@ -72,7 +81,7 @@ class DbMonitor(Actor):
         #: Seconds the last good ping took.
         self.latency: float | None = None
         # Transitions waiting to be written to connection_events once the database is back.
-        self._pending_events: deque[tuple[str, str, int, str]] = deque(maxlen=100)
+        self._pending_events: deque[tuple[str, str, str, int | None, str]] = deque(maxlen=100)
         self._drain_task: asyncio.Task[None] | None = None
 
     async def on_start(self) -> None:
@@ -152,16 +161,24 @@ class DbMonitor(Actor):
             entry.warning("database reconnect failed; retrying")
         for name in DbState:
             metrics.DB_STATE.labels(name.value).set(1 if name is state else 0)
-        self._pending_events.append((state.value, previous.value, self.failed_attempts, reason))
+        self._pending_events.append(
+            ("database", state.value, previous.value, self.failed_attempts, reason)
+        )
         for listener in self.listeners:
             listener("database", state.value)
 
+    async def _handle_record_transition(self, message: RecordTransition) -> None:
+        self._pending_events.append((message.component, message.state, message.previous, None, ""))
+        if self.db_state is DbState.CONNECTED:
+            await self._flush_events()
+
     async def _flush_events(self) -> None:
+        # Kept until written: transitions during an outage are recorded once it ends.
         while self._pending_events:
-            state, previous, attempt, reason = self._pending_events[0]
+            component, state, previous, attempt, reason = self._pending_events[0]
             try:
                 await self.store.record_connection_event(
-                    "database", state, previous, attempt, reason
+                    component, state, previous, attempt, reason
                 )
             except Exception as exc:
                 log.bind(error=type(exc).__name__).warning("could not record connection event")

@@ -10,7 +10,7 @@ import resource
 import shutil
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -190,6 +190,8 @@ class EventSubscriber(Actor):
         self._rpc_ids = itertools.count(1)
         self._lag_check: asyncio.TimerHandle | None = None
         self._cpu_mark = (time.monotonic(), time.process_time())
+        #: Called with (``upstream:<name>``, new state, old state) on every breaker change.
+        self.listeners: list[Callable[[str, str, str], None]] = []
 
     def _breaker_for(self, source: Source) -> CircuitBreaker | None:
         if source.kind == SYSTEM_KIND:
@@ -388,7 +390,9 @@ class EventSubscriber(Actor):
         state, name = feed.breaker.state, feed.source.name
         if state is feed.announced_state:
             return
-        feed.announced_state = state
+        previous, feed.announced_state = feed.announced_state, state
+        for listener in self.listeners:
+            listener(f"upstream:{name}", state.value, previous.value)
         if state is BreakerState.OPEN:
             retry_after = min(self.probe_seconds, self.open_seconds)
             self._topic_event(

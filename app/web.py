@@ -14,7 +14,7 @@ from aiohttp import WSCloseCode, web
 from prometheus_async.aio.web import server_stats
 
 from actors.base import Actor
-from actors.db_monitor import DbMonitor
+from actors.db_monitor import DbMonitor, RecordTransition
 from actors.events import EventSubscriber
 from actors.heartbeat import Heartbeat
 from actors.hub import Announce, Deliver, Hub, Registry, Shutdown
@@ -68,6 +68,11 @@ def default_actors(app: web.Application) -> list[Actor]:
         probe_seconds=settings.breaker_probe_seconds,
         disk_path=settings.spool_dir,
         **options,
+    )
+    events.listeners.append(
+        lambda component, state, previous: _cast_or_log(
+            db_monitor, RecordTransition(component, state, previous)
+        )
     )
     heartbeat = Heartbeat(
         hub, interval=settings.heartbeat_interval, feeds=events.feed_times, **options

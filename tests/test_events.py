@@ -19,6 +19,7 @@ from app.demo_upstream import create_demo_app
 from app.errors import ConfigError
 from app.services import free_port
 from app.sources import SYSTEM_SOURCE, load_sources, parse_sources
+from tests.conftest import wait_until
 from tests.test_demo_upstream import wait_until_serving
 
 #: Short timings so a whole outage fits in seconds: polls every 0.2 s, probes every 0.5 s,
@@ -222,6 +223,20 @@ async def test_outage_opens_the_breaker_serves_stale_data_and_recovers(make_hear
     assert transitions_metric("agent_status", "open") == opened_before + 1
     assert transitions_metric("agent_status", "closed") == closed_before + 1
     assert leaks([*outage, *recovery, after], upstream) == []
+    await wait_until(
+        lambda: not hearth.app[keys.SUPERVISOR].get("db_monitor")._pending_events, 5, "the flush"
+    )
+    store = hearth.app[keys.STORE]
+
+    async def upstream_events(cursor) -> list[tuple[str, str]]:
+        await cursor.execute(
+            "select", "connection_events",
+            "SELECT previous, state FROM connection_events"
+            " WHERE component = 'upstream:agent_status' ORDER BY id",
+        )  # fmt: skip
+        return [tuple(row) for row in await cursor.fetchall()]
+
+    assert await store.run(upstream_events, name="test") == [("closed", "open"), ("open", "closed")]
 
 
 async def test_without_a_cache_the_stale_event_says_there_is_no_data(make_hearth, upstream):
