@@ -556,15 +556,17 @@ class Store:
         async def commit(record: dict[str, Any]) -> None:
             nonlocal committed
             message = Message.from_record(record)
+            key = (message.sender, message.client_msg_id)
             try:
                 stored, created = await self._insert_message(message)
             except NotFound:
+                self._spooled_ids.pop(key, None)
                 log.bind(id=message.id, topic=f"room:{message.room}").error(
                     "spooled message for a missing room dropped"
                 )
                 return
             committed += 1
-            self._spooled_ids.pop((message.sender, message.client_msg_id), None)
+            self._spooled_ids.pop(key, None)
             metrics.SPOOL_DEPTH.set(max(spool.depth - 1, 0))
             if committed % DRAIN_PROGRESS_EVERY == 0:
                 log.bind(committed=committed, pending_at_start=pending_at_start).info(
