@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import os
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +83,39 @@ async def wait_until(predicate, timeout: float = 30.0, what: str = "condition") 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"{what} not reached in {timeout}s")
         await asyncio.sleep(0.02)
+
+
+async def wait_for_http(session: aiohttp.ClientSession, url: str, timeout: float = 10.0) -> None:
+    """Poll GET *url* until it answers 200, failing after *timeout* seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            async with session.get(url) as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{url} did not answer 200 within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def demo_upstream_process(seed: int):
+    """``python -m app.demo_upstream`` as its own process on loopback; yields its base URL."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app.demo_upstream", "--host", "127.0.0.1", "--port", str(port),
+        "--seed", str(seed), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_for_http(session, f"{url}/stats")
+        yield url
+    finally:
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 10) is not None
 
 
 class WsClient:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 
 import aiohttp
 import pytest
 
 from app.demo_upstream import METHODS, DemoUpstream, create_demo_app
-from app.services import free_port
 from app.sources import PROBE_HEADER
+from tests.conftest import demo_upstream_process
 
 
 @pytest.fixture
@@ -116,32 +115,7 @@ async def test_control_refuses_unknown_modes(upstream):
 
 async def test_command_line_serves_on_the_given_port():
     """``python -m app.demo_upstream --port N`` serves JSON-RPC on loopback until terminated."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app.demo_upstream", "--host", "127.0.0.1", "--port", str(port),
-        "--seed", "5", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{port}"
-            await wait_until_serving(session, url)
-            payload = {"jsonrpc": "2.0", "id": 9, "method": "compression_jobs"}
-            async with session.post(f"{url}/rpc", json=payload) as response:
-                assert (await response.json())["id"] == 9
-    finally:
-        process.terminate()
-        assert await asyncio.wait_for(process.wait(), 10) is not None
-
-
-async def wait_until_serving(session: aiohttp.ClientSession, url: str, timeout: float = 10.0):
-    """Poll *url*/stats until the demo upstream answers."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            async with session.get(f"{url}/stats") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            if time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.05)
+    async with demo_upstream_process(seed=5) as url, aiohttp.ClientSession() as session:
+        payload = {"jsonrpc": "2.0", "id": 9, "method": "compression_jobs"}
+        async with session.post(f"{url}/rpc", json=payload) as response:
+            assert (await response.json())["id"] == 9

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 
 import aiohttp
@@ -19,8 +18,7 @@ from app.demo_upstream import create_demo_app
 from app.errors import ConfigError
 from app.services import free_port
 from app.sources import SYSTEM_SOURCE, load_sources, parse_sources
-from tests.conftest import wait_until
-from tests.test_demo_upstream import wait_until_serving
+from tests.conftest import demo_upstream_process, wait_until
 
 #: Short timings so a whole outage fits in seconds: polls every 0.2 s, probes every 0.5 s,
 #: and an open period long enough that only probes ever close a breaker here.
@@ -430,19 +428,8 @@ FLAP_FEEDS = {"agent_status": "agent_status", "compression_update": "compression
 @pytest.fixture
 async def upstream_process():
     """The demo upstream as its own process (``python -m app.demo_upstream``) on loopback."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app.demo_upstream", "--host", "127.0.0.1", "--port", str(port),
-        "--seed", "1234", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{port}"
-            await wait_until_serving(session, url)
-            yield Upstream(url, session)
-    finally:
-        process.terminate()
-        await process.wait()
+    async with demo_upstream_process(seed=1234) as url, aiohttp.ClientSession() as session:
+        yield Upstream(url, session)
 
 
 @pytest.fixture

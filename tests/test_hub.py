@@ -15,7 +15,7 @@ import aiohttp
 
 from app import keys, metrics
 from app.services import free_port
-from tests.conftest import StalledReader, wait_until
+from tests.conftest import StalledReader, wait_for_http, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,16 +154,7 @@ def test_sigterm_shutdown_order_and_no_half_written_publish(postgres, tmp_path):
 
 async def _shutdown_scenario(server: subprocess.Popen, base: str, database: str) -> dict:
     async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                async with session.get(f"{base}/health/ready") as response:
-                    if response.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            await asyncio.sleep(0.1)
+        await wait_for_http(session, f"{base}/health/ready", timeout=20)
         async with session.post(
             f"{base}/api/v1/auth/login",
             json={"username": "alice", "password": "correct horse battery"},
