@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -188,8 +188,6 @@ class Hub(Actor):
         self.registry = registry
         self.store = store
         self.check_access = check_access
-        #: Called with each message stored here, e.g. by the Redis bridge.
-        self.on_stored: list[Callable[[Message], None]] = []
 
     def extra_status(self) -> dict[str, Any]:
         registry = self.registry
@@ -347,8 +345,6 @@ class Hub(Actor):
             if result.repeat:
                 return result  # subscribers saw it the first time
             self._fan_out(result.message)
-        for listener in self.on_stored:
-            listener(result.message)
         return result
 
     async def _handle_history(self, message: History) -> asyncio.Task[list[Message]]:

@@ -170,8 +170,8 @@ class Connection:
             self._wakeup.set()
             try:
                 await asyncio.wait_for(asyncio.shield(writer), drain)
-            except (TimeoutError, Exception):
-                pass
+            except Exception:
+                pass  # a writer that timed out or failed is cancelled just below
         if writer is not None and not writer.done():
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)

@@ -57,7 +57,7 @@ ERROR_CODES: frozenset[str] = frozenset(
 )
 
 #: PostgreSQL SQLSTATEs that mean "run the transaction again": serialization failure, deadlock.
-_RETRYABLE_PGCODES = frozenset({"40001", "40P01"})
+RETRYABLE_PGCODES = frozenset({"40001", "40P01"})
 #: Client statuses worth a warning because they may signal abuse.
 _WARN_STATUSES = frozenset({401, 403, 429})
 
@@ -382,7 +382,7 @@ def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, AppError):
         return exc.recoverable
     if isinstance(exc, psycopg2.Error):
-        return exc.pgcode in _RETRYABLE_PGCODES or isinstance(
+        return exc.pgcode in RETRYABLE_PGCODES or isinstance(
             exc, psycopg2.OperationalError | psycopg2.InterfaceError
         )
     # ConnectionError and TimeoutError (asyncio's included) are both OSError subclasses.

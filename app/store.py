@@ -18,6 +18,7 @@ from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 from app import metrics
 from app.crypto import DecryptError, MessageCipher
 from app.errors import (
+    RETRYABLE_PGCODES,
     Conflict,
     DatabaseError,
     EncryptionError,
@@ -38,8 +39,6 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 DRAIN_PROGRESS_EVERY = 1000
 #: pgcodes of a server that is shutting down or restarting (admin_shutdown and friends).
 SERVER_GOING_AWAY_PGCODES = {"57P01", "57P02", "57P03"}
-#: pgcodes worth retrying a whole transaction for.
-RETRYABLE_PGCODES = {"40001", "40P01"}
 
 T = TypeVar("T")
 
@@ -393,7 +392,7 @@ class Store:
             try:
                 stored, created = await self._insert_message(message)
             except Exception as exc:
-                if not (_connection_lost(exc) or is_retryable(exc)):
+                if not is_retryable(exc):  # includes every lost connection
                     raise
                 log.bind(error=_error_label(exc), topic=f"room:{message.room}").warning(
                     "database unreachable; spooling the publish"
