@@ -6,14 +6,16 @@ import asyncio
 import enum
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from app.errors import ActorCrashed, ActorTimeout, AppError, MailboxFull
-from app.log import trace_id_var
+from app.errors import ActorCrashed, ActorTimeout, AppError, MailboxFull, log_error
+from app.log import get_logger, trace_id_var
 
-__all__ = ["Actor", "ActorState", "Timer", "describe_error"]
+__all__ = ["Actor", "ActorState", "Timer", "describe_error", "is_refusal"]
+
+log = get_logger("actor")
 
 #: Boundaries where a CamelCase class name takes an underscore: ``HTTPPing`` -> ``http_ping``.
 _WORD_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
@@ -36,6 +38,15 @@ def describe_error(error: BaseException) -> dict[str, str]:
     """
     code = error.code if isinstance(error, AppError) else AppError.code
     return {"type": type(error).__name__, "message": code}
+
+
+def is_refusal(error: BaseException) -> bool:
+    """Whether a handler's *error* is an expected answer rather than a crash.
+
+    A client error (status below 500) or a recoverable service error (a database outage,
+    a shutdown) is the outcome of one request; the actor's state is fine and it goes on.
+    """
+    return isinstance(error, AppError) and (error.status < 500 or error.recoverable)
 
 
 def _handler_name(message_type: type[Any]) -> str:
@@ -93,7 +104,9 @@ class Actor:
 
     Subclasses define one ``_handle_<message>`` coroutine per message class (``FooBar`` goes
     to ``_handle_foo_bar``) and rebuild their state in :meth:`on_start`, which runs on every
-    (re)start. The mailbox belongs to the object, so it survives restarts.
+    (re)start. The mailbox belongs to the object, so it survives restarts. A handler that
+    raises a refusal (see :func:`is_refusal`) answers its caller with it and goes on; any
+    other exception crashes the incarnation.
 
     *name* identifies the actor in logs and status, *mailbox_capacity* bounds the mailbox,
     *stall_timeout* is how long a backlog may sit without progress before :meth:`is_stalled`
@@ -142,6 +155,8 @@ class Actor:
         #: Safe summary of the last crash (see :func:`describe_error`), or None.
         self.last_error: dict[str, str] | None = None
         self._timers: set[Timer] = set()
+        #: Background tasks of the current incarnation (see :meth:`spawn`).
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._handlers: dict[type, Callable[[Any], Awaitable[Any]]] = {}
         self._waiting = False
         self._finishing = False
@@ -200,6 +215,31 @@ class Actor:
         The timer belongs to the current incarnation and is cancelled when it ends.
         """
         return self._add_timer(interval, message, repeat=True)
+
+    def spawn(self, work: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+        """Run *work* as a background task of this incarnation, named *name*.
+
+        The actor owns it: it is cancelled and awaited when the incarnation ends, and a
+        failure is logged through the JSON log rather than left for the event loop to
+        print. Results should come back as messages to the mailbox (STYLE 12a).
+        """
+        if self.started_at is None:
+            work.close()
+            raise RuntimeError(f"{self.name} spawns tasks only while it runs")
+        task = asyncio.create_task(work, name=f"{self.name}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.bind(actor=self.name, task=task.get_name(), error=type(error).__name__).opt(
+                exception=error
+            ).error("background task failed")
 
     def mark_ready(self) -> None:
         """Tell the supervisor this incarnation is ready to serve."""
@@ -272,6 +312,11 @@ class Actor:
             self.started_at = None
             for timer in list(self._timers):
                 timer.cancel()
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
             if self.state is not ActorState.FAILED:
                 self.state = ActorState.STOPPED
             await self.on_stop()
@@ -317,7 +362,12 @@ class Actor:
 
     async def _dispatch_traced(self, item: object) -> None:
         if not isinstance(item, _Call):
-            await self._handler_for(item)(item)
+            try:
+                await self._handler_for(item)(item)
+            except Exception as exc:
+                if not is_refusal(exc):
+                    raise
+                log_error(exc, component=self.name, kind=type(item).__name__)
             return
         try:
             result = await self._handler_for(item.message)(item.message)
@@ -328,6 +378,8 @@ class Actor:
         except Exception as exc:
             if not item.reply.done():
                 item.reply.set_exception(exc if isinstance(exc, AppError) else _crashed(self, exc))
+            if is_refusal(exc):
+                return  # answered; the actor's state is intact
             raise
         if not item.reply.done():
             item.reply.set_result(result)

@@ -226,10 +226,7 @@ class EventSubscriber(Actor):
         if self._lag_check is not None:
             self._lag_check.cancel()
             self._lag_check = None
-        calls = list(self._in_flight.values())
-        for task in calls:
-            task.cancel()
-        await asyncio.gather(*calls, return_exceptions=True)
+        # Calls in flight were spawned by this incarnation: the runtime has ended them.
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -282,7 +279,7 @@ class EventSubscriber(Actor):
 
     def _start_call(self, feed: Feed, call: Awaitable[Any], *, probe: bool) -> None:
         name = feed.source.name
-        task = asyncio.create_task(self._report(name, call, probe), name=f"poll-{name}")
+        task = self.spawn(self._report(name, call, probe), name=f"poll-{name}")
         self._in_flight[name] = task
         # Freed when the call ends, not when its result is handled: a result lost to a full
         # mailbox must not block the source for good.

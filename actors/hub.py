@@ -1,57 +1,39 @@
-"""Hub: owns connections and subscriptions, stores publishes through the store, and fans out."""
+"""Hub: routes frames to connections; owns the registry of connections and subscriptions."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from actors.base import Actor
 from app import metrics
-from app.connection import CLOSE_GOING_AWAY, Connection
-from app.errors import AppError, ServerShutdown, is_retryable
+from app.connection import CLOSE_GOING_AWAY, Connection, Reply
+from app.errors import AppError
 from app.log import get_logger
 from app.models import Message
 from app.protocol import Topic, data_frame, encode, error_event, event_frame
-from app.store import PublishResult, Store
 
 log = get_logger("hub")
-
-T = TypeVar("T")
-
-
-class AccessCheck(Protocol):
-    """Raises when *connection* may not read or write *room* (see app.auth)."""
-
-    def __call__(self, connection: Connection, room: str) -> Awaitable[None]: ...
 
 
 @dataclass
 class Registry:
-    """Connections, subscriptions and presence: the hub's state that outlives a hub crash."""
+    """Connections, subscriptions and presence: the hub's state that outlives a hub crash.
+
+    Only the hub's handlers change it; others may read it.
+    """
 
     connections: set[Connection] = field(default_factory=set)
     #: topic string -> subscribed connections.
     subscribers: defaultdict[str, set[Connection]] = field(default_factory=lambda: defaultdict(set))
     #: room topic -> username -> how many of that user's connections are subscribed.
     present: defaultdict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
-    #: (connection, topic) -> live frames held back while history is being sent.
-    catching_up: dict[tuple[Connection, str], list[tuple[int | None, str]]] = field(
-        default_factory=dict
-    )
     #: Newest encoded frame of each status topic, for new subscribers.
     latest_status: dict[str, str] = field(default_factory=dict)
-    #: One lock per room, so stored order and fan-out order agree.
-    room_locks: defaultdict[str, asyncio.Lock] = field(
-        default_factory=lambda: defaultdict(asyncio.Lock)
-    )
-    #: Publishes under way, awaited on shutdown so none is half-done.
-    in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
-    #: False once shutdown began: later publishes are refused before they touch the store.
-    accepting: bool = True
+    #: room topic -> highest seq routed, so a new subscriber knows where it starts.
+    heads: dict[str, int] = field(default_factory=dict)
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -74,20 +56,18 @@ class Leave:
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
-    """Subscribe *connection* to *topic*; with *since*, hold live frames until `CatchUp`."""
+    """Subscribe *connection* to *topic* and answer *reply*, unless someone else did.
+
+    *head* is the room's last seq known to the caller (the room directory's). With
+    *since*, live frames are held back until the session's `Filled` arrives, and the
+    session answers the request itself once it has read what was missed.
+    """
 
     connection: Connection
     topic: Topic
+    reply: Reply
     since: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CatchUp:
-    """Send what *connection* missed in *topic* after seq *since*, then go live."""
-
-    connection: Connection
-    topic: Topic
-    since: int
+    head: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,27 +79,30 @@ class Unsubscribe:
 
 
 @dataclass(frozen=True, slots=True)
-class Publish:
-    """Store *message* from *connection* and fan it out."""
+class Filled:
+    """What *connection* missed in room topic *key*, read from the store in seq order.
+
+    *complete* is False when there may be more after the last message: the hub asks for
+    the next page before it lets held frames through.
+    """
 
     connection: Connection
-    message: Message
+    key: str
+    messages: tuple[Message, ...]
+    complete: bool = True
 
 
 @dataclass(frozen=True, slots=True)
-class History:
-    """A page of *room* history for *connection*."""
+class FillFailed:
+    """The store could not fill *connection*'s gap in *key*: tell the client to resync."""
 
     connection: Connection
-    room: str
-    since: int | None
-    before: int | None
-    limit: int
+    key: str
 
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """Fan out a message stored elsewhere (the spool drain, another instance)."""
+    """A message from the writers' outlet: stored (with seq) or spooled (seq None)."""
 
     message: Message
 
@@ -164,53 +147,35 @@ class PresenceQuery:
 
 @dataclass(frozen=True, slots=True)
 class Shutdown:
-    """Tell every client to come back later, let publishes finish, then close with 1001."""
+    """Tell every client to come back later, then close each with 1001 after *drain* seconds."""
 
     reconnect_spread_ms: int = 5000
-    deadline: float = 5.0
+    drain: float = 1.0
 
 
 # -- the actor --------------------------------------------------------------------------------
 
 
 class Hub(Actor):
-    """Routes every frame between clients, the store and the other actors.
+    """Routes every frame to the connections that should get it, and nothing else.
 
-    *registry* holds the state that survives restarts, *store* commits publishes, and
-    *check_access* guards rooms. Work that waits on PostgreSQL runs in tasks the hub starts,
-    so one slow query never holds up the mailbox; their results come back to the caller.
+    It has no store and starts no tasks: *registry* is its state, changed only here.
+    Each connection gets each room's stored messages gap-free: a seq that jumps past the
+    connection's last one is held back while its session reads the gap from the store
+    (`Connection.on_gap`), and the answer comes back as `Filled` or `FillFailed`.
     """
 
-    def __init__(
-        self, registry: Registry, store: Store, check_access: AccessCheck, **actor_options: Any
-    ) -> None:
+    def __init__(self, registry: Registry, **actor_options: Any) -> None:
         super().__init__("hub", **actor_options)
         self.registry = registry
-        self.store = store
-        self.check_access = check_access
 
     def extra_status(self) -> dict[str, Any]:
         registry = self.registry
         return {
             "clients": len(registry.connections),
             "topics": len(registry.subscribers),
-            "in_flight": len(registry.in_flight),
+            "filling": sum(len(c.held) for c in registry.connections),
         }
-
-    async def request(self, message: object, timeout: float = 10.0) -> Any:
-        """Send *message* and wait for the outcome of the work it started.
-
-        The work is shielded: a caller that gives up does not interrupt a half-done publish.
-        """
-        task = await self.call(message, timeout=timeout)
-        async with asyncio.timeout(timeout):
-            return await asyncio.shield(task)
-
-    def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        task = asyncio.create_task(work)
-        self.registry.in_flight.add(task)
-        task.add_done_callback(self.registry.in_flight.discard)
-        return task
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -235,57 +200,34 @@ class Hub(Actor):
 
     # -- subscriptions -------------------------------------------------------------------------
 
-    async def _handle_subscribe(self, message: Subscribe) -> asyncio.Task[int | None]:
-        return self._spawn(self._subscribe(message))
-
-    async def _subscribe(self, message: Subscribe) -> int | None:
+    async def _handle_subscribe(self, message: Subscribe) -> bool:
+        """Returns whether the subscription was made (False: the connection left or the
+        session already answered)."""
         connection, topic = message.connection, message.topic
+        if connection not in self.registry.connections or message.reply.claimed:
+            return False
         key = str(topic)
         if not topic.is_room:
+            message.reply.claim()
             self._add_subscription(connection, key)
+            message.reply.send(200, "ok")
             latest = self.registry.latest_status.get(key)
             if latest is not None:
                 connection.offer_latest(key, latest)
-            return None
-        await self.check_access(connection, topic.name)
-        try:
-            seq: int | None = await self.store.latest_seq(topic.name)
-        except Exception as exc:
-            # With PostgreSQL away the room still works live; the seq is just unknown.
-            if not is_retryable(exc):
-                raise
-            seq = None
-        if message.since is not None:
-            self.registry.catching_up[(connection, key)] = []
-        self._add_subscription(connection, key)
-        return seq
-
-    async def _handle_catch_up(self, message: CatchUp) -> asyncio.Task[int]:
-        return self._spawn(self._catch_up(message))
-
-    async def _catch_up(self, message: CatchUp) -> int:
-        connection, key = message.connection, str(message.topic)
-        last, sent = message.since, 0
-        try:
-            while True:
-                page = await self.store.history(message.topic.name, since=last, limit=100)
-                for stored in page:
-                    connection.offer(encode(data_frame(stored)))
-                    last = stored.seq or last
-                sent += len(page)
-                if len(page) < 100:
-                    break
-        except Exception:
-            # The client is live again either way; resync tells it to ask once more.
-            connection.offer(encode(event_frame("resync", {"topics": [key]})))
-            raise
-        finally:
-            # No await from here on: held frames and live traffic must not interleave.
-            held = self.registry.catching_up.pop((connection, key), [])
-            for seq, frame in held:
-                if seq is None or seq > last:
-                    connection.offer(frame)
-        return sent
+            return True
+        known = [seq for seq in (self.registry.heads.get(key), message.head) if seq is not None]
+        head = max(known) if known else None
+        if message.since is None:
+            if key not in connection.topics:
+                connection.room_seqs[key] = head
+            message.reply.claim()
+            self._add_subscription(connection, key)
+            message.reply.send(200, "ok", {"seq": head})
+        else:
+            connection.room_seqs[key] = message.since
+            connection.held.setdefault(key, [])  # a gap fill under way keeps what it holds
+            self._add_subscription(connection, key)
+        return True
 
     async def _handle_unsubscribe(self, message: Unsubscribe) -> bool:
         key = str(message.topic)
@@ -307,7 +249,8 @@ class Hub(Actor):
 
     def _remove_subscription(self, connection: Connection, key: str) -> None:
         connection.topics.discard(key)
-        self.registry.catching_up.pop((connection, key), None)
+        connection.room_seqs.pop(key, None)
+        connection.held.pop(key, None)
         subscribers = self.registry.subscribers.get(key)
         if subscribers is not None:
             subscribers.discard(connection)
@@ -330,50 +273,90 @@ class Hub(Actor):
     async def _handle_presence_query(self, message: PresenceQuery) -> list[str]:
         return sorted(self.registry.present.get(str(message.topic), {}))
 
-    # -- publishing ----------------------------------------------------------------------------
-
-    async def _handle_publish(self, message: Publish) -> asyncio.Task[PublishResult]:
-        return self._spawn(self._publish(message))
-
-    async def _publish(self, message: Publish) -> PublishResult:
-        if not self.registry.accepting:
-            raise ServerShutdown(retry_after=5)
-        room = message.message.room
-        await self.check_access(message.connection, room)
-        async with self.registry.room_locks[room]:
-            result = await self.store.publish(message.message)
-            if result.repeat:
-                return result  # subscribers saw it the first time
-            self._fan_out(result.message)
-        return result
-
-    async def _handle_history(self, message: History) -> asyncio.Task[list[Message]]:
-        return self._spawn(self._history(message))
-
-    async def _history(self, message: History) -> list[Message]:
-        await self.check_access(message.connection, message.room)
-        page = await self.store.history(
-            message.room, since=message.since, before=message.before, limit=message.limit
-        )
-        for stored in page:
-            message.connection.offer(encode(data_frame(stored)))
-        return page
+    # -- room messages -------------------------------------------------------------------------
 
     async def _handle_deliver(self, message: Deliver) -> None:
-        self._fan_out(message.message)
-
-    def _fan_out(self, message: Message) -> None:
-        key = f"room:{message.room}"
+        stored = message.message
+        key = f"room:{stored.room}"
+        seq = stored.seq
+        if seq is not None and seq > self.registry.heads.get(key, 0):
+            self.registry.heads[key] = seq
         subscribers = self.registry.subscribers.get(key)
         if not subscribers:
             return
-        frame = encode(data_frame(message))  # once per broadcast, not once per client
+        frame = encode(data_frame(stored))  # once per broadcast, not once per client
         for connection in list(subscribers):
-            held = self.registry.catching_up.get((connection, key))
-            if held is not None:
-                held.append((message.seq, frame))
-            else:
-                connection.offer(frame)
+            self._route(connection, key, seq, frame)
+
+    def _route(self, connection: Connection, key: str, seq: int | None, frame: str) -> None:
+        """Send one room frame to *connection* in seq order, holding it if a gap opens."""
+        held = connection.held.get(key)
+        if held is not None:
+            held.append((seq, frame))
+            if len(held) > connection.limits.max_messages:
+                # As far behind as a slow reader: the same remedy, reconnect with since.
+                connection.held.pop(key, None)
+                connection.evict_slow()
+            return
+        if seq is None:
+            connection.offer(frame)  # spooled: shown now, sent again once it has a seq
+            return
+        last = connection.room_seqs.get(key)
+        if last is None or seq == last + 1:
+            connection.room_seqs[key] = seq
+            connection.offer(frame)
+        elif seq > last + 1:
+            connection.held[key] = [(seq, frame)]
+            self._ask_fill(connection, key, last)
+        # seq <= last: this connection has it already (a repeat, or filled from the store).
+
+    def _ask_fill(self, connection: Connection, key: str, after: int) -> None:
+        if connection.on_gap is None:
+            self._resync(connection, key)
+            return
+        connection.on_gap(key, after)
+
+    async def _handle_filled(self, message: Filled) -> None:
+        connection, key = message.connection, message.key
+        if key not in connection.topics or key not in connection.held:
+            return  # unsubscribed or left meanwhile
+        last = connection.room_seqs.get(key) or 0
+        progressed = False
+        for stored in message.messages:
+            if stored.seq is not None and stored.seq > last:
+                connection.offer(encode(data_frame(stored)))
+                last, progressed = stored.seq, True
+        connection.room_seqs[key] = last
+        if not message.complete and progressed:
+            self._ask_fill(connection, key, last)
+            return
+        first = _first_seq(connection.held[key])
+        if first is not None and not progressed and first > last + 1:
+            # The store has nothing for the gap (yet): don't loop, let the client resync.
+            self._resync(connection, key)
+            return
+        self._release(connection, key)
+
+    async def _handle_fill_failed(self, message: FillFailed) -> None:
+        connection, key = message.connection, message.key
+        if key not in connection.topics or key not in connection.held:
+            return
+        self._resync(connection, key)
+
+    def _resync(self, connection: Connection, key: str) -> None:
+        """Tell *connection* to recover *key* with ``sub since``, then go on live from here."""
+        connection.offer(encode(event_frame("resync", {"topics": [key]})))
+        held = connection.held.get(key) or []
+        first = _first_seq(held)
+        if first is not None:
+            connection.room_seqs[key] = first - 1
+        self._release(connection, key)
+
+    def _release(self, connection: Connection, key: str) -> None:
+        """Let held frames through in order; a further gap holds the rest again."""
+        held = connection.held.pop(key, [])
+        for seq, frame in held:
+            self._route(connection, key, seq, frame)
 
     # -- events --------------------------------------------------------------------------------
 
@@ -397,18 +380,10 @@ class Hub(Actor):
             else:
                 connection.offer(frame)
 
-    async def _handle_shutdown(self, message: Shutdown) -> asyncio.Task[None]:
-        self.registry.accepting = False
-        return asyncio.create_task(self._shutdown(message))
-
-    async def _shutdown(self, message: Shutdown) -> None:
-        registry = self.registry
-        log.bind(clients=len(registry.connections), in_flight=len(registry.in_flight)).info(
-            "telling clients the server is shutting down"
-        )
-        if registry.in_flight:
-            await asyncio.wait(list(registry.in_flight), timeout=message.deadline / 2)
-        connections = list(registry.connections)
+    async def _handle_shutdown(self, message: Shutdown) -> list[Connection]:
+        """Say goodbye to every client and start closing it; returns those being closed."""
+        connections = list(self.registry.connections)
+        log.bind(clients=len(connections)).info("telling clients the server is shutting down")
         for connection in connections:
             farewell = encode(error_event(
                 "SERVER_SHUTDOWN", "server is restarting; reconnect later",
@@ -416,10 +391,12 @@ class Hub(Actor):
                 reconnect_after_ms=random.randint(500, max(500, message.reconnect_spread_ms)),
             ))  # fmt: skip
             connection.offer(farewell)
-            connection.shut(CLOSE_GOING_AWAY, "server shutdown", drain=message.deadline / 4)
-        if connections:
-            closing = [asyncio.create_task(c.wait_closed()) for c in connections]
-            await asyncio.wait(closing, timeout=message.deadline / 2)
+            connection.shut(CLOSE_GOING_AWAY, "server shutdown", drain=message.drain)
+        return connections
+
+
+def _first_seq(held: list[tuple[int | None, str]]) -> int | None:
+    return next((seq for seq, _ in held if seq is not None), None)
 
 
 def count_error(exc: BaseException) -> None:
@@ -429,7 +406,7 @@ def count_error(exc: BaseException) -> None:
 
 
 __all__ = [
-    "Announce", "CatchUp", "Deliver", "History", "Hub", "Join", "Leave",
-    "PresenceQuery", "Publish", "Registry", "Shutdown", "StatusUpdate", "Subscribe",
-    "TopicEvent", "Unsubscribe", "count_error",
+    "Announce", "Deliver", "FillFailed", "Filled", "Hub", "Join", "Leave", "PresenceQuery",
+    "Registry", "Shutdown", "StatusUpdate", "Subscribe", "TopicEvent", "Unsubscribe",
+    "count_error",
 ]  # fmt: skip

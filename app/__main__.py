@@ -9,9 +9,9 @@ import shutil
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
-from app.config import Settings
+from app.config import Settings, unknown_variables
 from app.errors import ConfigError
 from app.log import get_logger, setup_logging
 
@@ -30,8 +30,9 @@ DEV_PG_PORT = 55432
 DEV_REDIS_PORT = 56379
 
 
-def _load_settings() -> Settings:
-    setup_logging()
+def _load_settings(stream: TextIO | None = None) -> Settings:
+    # Logs go to *stream* (stdout when None) and the configured files.
+    setup_logging(stream=stream)
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
@@ -44,7 +45,13 @@ def _load_settings() -> Settings:
         log_dir=settings.log_dir or None,
         rotation_bytes=int(settings.log_rotation_mb * 1024 * 1024),
         retention=settings.log_retention,
+        stream=stream,
     )
+    for variable, suggestion in unknown_variables():
+        hint = f"; did you mean {suggestion}?" if suggestion else ""
+        log.bind(variable=variable, suggestion=suggestion).warning(
+            f"unknown variable {variable} ignored{hint}"
+        )
     return settings
 
 
@@ -69,9 +76,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     settings = _load_settings()
     try:
+        # Not HEARTH_DB_TIMEOUT: that is also each statement's server-side limit, and a
+        # migration may rightly run longer than any request.
         applied = asyncio.run(store.migrate(settings.database_url))
     except store.MigrationFailed as exc:
         log.bind(file=exc.filename).log("FATAL", "migration failed; database left as it was")
+        return 1
+    except Exception as exc:
+        if not _log_failure(exc, settings, "FATAL"):
+            raise
         return 1
     log.bind(applied=applied).info("migrations up to date")
     return 0
@@ -110,17 +123,47 @@ def cmd_services(args: argparse.Namespace) -> int:
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
-    """Print the table of HEARTH_* settings that README.rst carries."""
-    from app.config import settings_table
+    """Print the settings in effect here, one VARIABLE=value line each, secrets hidden.
 
-    print(settings_table())
+    With --table, print instead the table of every setting, its default and meaning, that
+    README.rst carries.
+    """
+    from app.config import effective_settings, settings_table
+
+    if args.table:
+        print(settings_table())
+        return 0
+    # Logs (an unknown variable's warning) go to stderr so stdout stays only the settings.
+    print(effective_settings(_load_settings(stream=sys.stderr)))
     return 0
+
+
+def _log_failure(exc: Exception, settings: Settings, level: str) -> bool:
+    """Log a command's failure *exc* as one line at *level*; False when it is no known kind.
+
+    An unreachable PostgreSQL (the store's `DatabaseError`) says so with the DSN of
+    *settings* redacted. Any other `AppError` logs its client text (a refused name, a
+    duplicate).
+    """
+    from app.errors import AppError, DatabaseError
+    from app.log import redact_dsn
+
+    if isinstance(exc, DatabaseError):
+        failure = log.bind(error=type(exc).__name__, database=redact_dsn(settings.database_url))
+        message, detail = "database unreachable", exc.detail
+    elif isinstance(exc, AppError):
+        failure, message, detail = log.bind(error=exc.code), exc.client_text, exc.detail
+    else:
+        return False
+    if detail:
+        failure = failure.bind(detail=detail)
+    # depth=1 credits the line to the command, not to this helper.
+    failure.opt(depth=1).log(level, message)
+    return True
 
 
 def _run_store_command(work: Callable[[Store], Awaitable[None]]) -> int:
     """Run *work* on a store opened from the settings; 0, or 1 after one error line."""
-    from app.errors import AppError, is_retryable
-    from app.log import redact_dsn
     from app.store import Store
 
     settings = _load_settings()
@@ -135,18 +178,9 @@ def _run_store_command(work: Callable[[Store], Awaitable[None]]) -> int:
 
     try:
         asyncio.run(run())
-    except AppError as exc:
-        failure = log.bind(error=exc.code)
-        if exc.detail:
-            failure = failure.bind(detail=exc.detail)
-        failure.error(exc.client_text)
-        return 1
     except Exception as exc:
-        if not is_retryable(exc):
+        if not _log_failure(exc, settings, "ERROR"):
             raise
-        log.bind(error=type(exc).__name__, database=redact_dsn(settings.database_url)).error(
-            "database unreachable"
-        )
         return 1
     return 0
 
@@ -207,7 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help=cmd_serve.__doc__).set_defaults(func=cmd_serve)
     commands.add_parser("migrate", help=cmd_migrate.__doc__).set_defaults(func=cmd_migrate)
-    commands.add_parser("settings", help=cmd_settings.__doc__).set_defaults(func=cmd_settings)
+    settings = commands.add_parser(
+        "settings",
+        help="print the settings in effect, secrets hidden (--table: the README table)",
+        description=cmd_settings.__doc__,
+    )
+    settings.add_argument(
+        "--table", action="store_true", help="print the README table of every setting instead"
+    )
+    settings.set_defaults(func=cmd_settings)
     services = commands.add_parser("services", help=cmd_services.__doc__)
     services.add_argument("action", choices=["start", "stop", "clean"])
     services.set_defaults(func=cmd_services)

@@ -8,9 +8,11 @@ from typing import Any
 
 from aiohttp import web
 
+from actors.db_monitor import RefreshRoom
 from app import keys
-from app.auth import User, check_username, database_call
+from app.auth import User, check_username
 from app.errors import (
+    AppError,
     AuthRequired,
     Conflict,
     Forbidden,
@@ -28,12 +30,39 @@ routes = web.RouteTableDef()
 
 #: Longest username or password a login may carry; longer is a bad request, not a hash job.
 MAX_CREDENTIAL_LENGTH = 1024
+#: Largest request body the API reads, in bytes; its bodies are a few short fields.
+MAX_BODY_BYTES = 64 * 1024
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
+    """The JSON object in *request*'s body; anything else raises `ValidationError`.
+
+    Every bad body is the same 400 ``INVALID_MESSAGE``, logged at INFO: an empty body, bytes
+    that are not UTF-8, malformed JSON, ``NaN`` or ``Infinity``, nesting past the parser's
+    recursion limit, an integer past Python's digit limit, a top level that is not an object,
+    and a body over `MAX_BODY_BYTES`. The last is a 400 rather than a 413 so that clients get
+    the error model, and no more of it is read than the first bytes past the limit.
+    """
+    declared = request.content_length or 0
+    raw = bytearray()
+    if declared <= MAX_BODY_BYTES:
+        async for chunk in request.content.iter_any():
+            raw += chunk
+            # A chunked or compressed body declares no (true) length, so counting goes on.
+            if len(raw) > MAX_BODY_BYTES:
+                break
+    if max(declared, len(raw)) > MAX_BODY_BYTES:
+        text = f"body over {MAX_BODY_BYTES} bytes"
+        raise ValidationError(text, text=text)
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        # UnicodeDecodeError and the digit limit's error are ValueErrors too, and json's
+        # scanner raises RecursionError for nesting like "[" * 50_000.
         raise ValidationError("body is not JSON") from None
     if not isinstance(body, dict):
         raise ValidationError("body is not a JSON object")
@@ -98,6 +127,20 @@ async def logout(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+async def _refresh_directory(request: web.Request, room: str) -> None:
+    """Have this instance's room directory see *room*'s change before the reply goes out.
+
+    Other instances learn of it from the NOTIFY the change fired; so does this one, should
+    the refresh fail here.
+    """
+    try:
+        await request.app[keys.SUPERVISOR].get("db_monitor").call(RefreshRoom(room))
+    except AppError as exc:
+        log.bind(topic=f"room:{room}", error=exc.code).warning(
+            "room directory not refreshed; the room's notification will do it"
+        )
+
+
 @routes.post("/api/v1/rooms")
 async def create_room(request: web.Request) -> web.Response:
     """Admin only: ``{name, private?}`` → 201 ``{name, private}``; 409 when it exists."""
@@ -107,10 +150,9 @@ async def create_room(request: web.Request) -> web.Response:
     private = body.get("private", False)
     if not isinstance(private, bool):
         raise ValidationError("private is not a boolean")
-    if not await database_call(
-        request.app[keys.STORE].create_room(name, private=private), "room create"
-    ):
+    if not await request.app[keys.STORE].create_room(name, private=private):
         raise Conflict(f"room {name} exists", text="room already exists")
+    await _refresh_directory(request, name)
     log.bind(user_id=admin.id, topic=f"room:{name}", private=private).info("room created")
     return web.json_response({"name": name, "private": private}, status=201)
 
@@ -121,7 +163,8 @@ async def add_room_member(request: web.Request) -> web.Response:
     admin = await require_admin(request)
     room = check_room_name(request.match_info["name"])
     username = check_username((await _json_object(request)).get("username"))
-    await database_call(request.app[keys.STORE].add_room_member(room, username), "member add")
-    request.app[keys.AUTH].forget_room(room)
+    # The room_members trigger's NOTIFY refreshes every server's room directory.
+    await request.app[keys.STORE].add_room_member(room, username)
+    await _refresh_directory(request, room)
     log.bind(user_id=admin.id, topic=f"room:{room}", member=username).info("room member added")
     return web.json_response({"room": room, "username": username})

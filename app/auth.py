@@ -1,4 +1,4 @@
-"""Authentication: scrypt passwords, opaque login tokens, login throttling and room access."""
+"""Authentication: scrypt passwords, opaque login tokens and login throttling."""
 
 from __future__ import annotations
 
@@ -11,21 +11,15 @@ import os
 import re
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from app.errors import (
-    AppError,
     AuthFailed,
-    DatabaseError,
-    NotFound,
     RateLimited,
-    RoomAccessDenied,
     ValidationError,
-    is_retryable,
 )
 from app.log import get_logger, iso_utc
 from app.ratelimit import KeyedBuckets
@@ -52,10 +46,6 @@ SCRYPT_MAXMEM = 64 * 1024 * 1024
 MIN_PASSWORD_LENGTH = 8
 #: Usernames: short, URL-safe, and the same rule as the users table CHECK (use fullmatch).
 USERNAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-#: Seconds a room access answer is trusted before PostgreSQL is asked again.
-ROOM_ACCESS_TTL = 5.0
-#: Most (room, user) answers kept; stale ones stay as a fallback for outages.
-ROOM_ACCESS_CACHE_SIZE = 10_000
 
 
 def _password_bytes(password: str) -> bytes:
@@ -107,22 +97,6 @@ def verify_password(password: str, stored: str) -> bool:
 DUMMY_HASH = _encode(os.urandom(SALT_BYTES), os.urandom(HASH_BYTES))
 
 
-async def database_call(query: Awaitable[T], what: str) -> T:
-    """Await the store *query*, turning an unreachable PostgreSQL into `DatabaseError`.
-
-    *what* names the query in the error's log detail. Clients then get a 503 with
-    ``DATABASE_ERROR`` rather than a 500; other errors pass through unchanged.
-    """
-    try:
-        return await query
-    except AppError:
-        raise
-    except Exception as exc:
-        if not is_retryable(exc):
-            raise
-        raise DatabaseError(f"{what} failed: {type(exc).__name__}") from exc
-
-
 def token_hash(token: str) -> bytes:
     """The SHA-256 of *token*: what ``auth_tokens`` stores instead of the token."""
     return hashlib.sha256(token.encode()).digest()
@@ -153,15 +127,8 @@ class User:
     is_admin: bool
 
 
-@dataclass(frozen=True, slots=True)
-class _RoomAccess:
-    checked_at: float
-    is_private: bool
-    is_member: bool
-
-
 class Authenticator:
-    """Logs users in and out, resolves tokens to users, and guards rooms.
+    """Logs users in and out and resolves tokens to users (rooms: see app.directory).
 
     *store* is the `Store`, or a callable returning it for apps whose store is built at
     startup. *token_ttl* is a token's lifetime in seconds. *ip_throttle* and *user_throttle*
@@ -183,9 +150,6 @@ class Authenticator:
         self.ip_throttle = ip_throttle
         self.user_throttle = user_throttle
         self.clock = clock
-        self._room_access: OrderedDict[tuple[str, str], _RoomAccess] = OrderedDict()
-        #: Last known privacy of each room, so a public room stays usable during an outage.
-        self._room_is_private: dict[str, bool] = {}
 
     @classmethod
     def from_settings(cls, store: Store | Callable[[], Store], settings: Settings) -> Authenticator:
@@ -234,7 +198,7 @@ class Authenticator:
         self._throttle(username, client_ip)
         row = None
         if USERNAME.fullmatch(username):
-            row = await database_call(self.store.user_by_name(username), "user lookup")
+            row = await self.store.user_by_name(username)
         stored = row[2] if row is not None else DUMMY_HASH
         matches = await asyncio.to_thread(verify_password, password, stored)
         if row is None or not matches:
@@ -247,9 +211,7 @@ class Authenticator:
         user_id = row[0]
         token = secrets.token_urlsafe(32)
         expires_at = datetime.fromtimestamp(self.clock() + self.token_ttl, UTC)
-        await database_call(
-            self.store.insert_token(token_hash(token), user_id, expires_at), "token insert"
-        )
+        await self.store.insert_token(token_hash(token), user_id, expires_at)
         log.bind(username=username, user_id=user_id, client_ip=client_ip).info("login succeeded")
         return token, iso_utc(expires_at)
 
@@ -258,9 +220,7 @@ class Authenticator:
         # Tokens are URL-safe ASCII; anything else cannot be one of ours.
         if not isinstance(token, str) or not token or not token.isascii():
             raise AuthFailed("malformed token")
-        row = await database_call(
-            self.store.user_for_token(token_hash(token), now=self._now()), "token lookup"
-        )
+        row = await self.store.user_for_token(token_hash(token), now=self._now())
         if row is None:
             raise AuthFailed("unknown, expired or revoked token")
         user_id, username, is_admin = row
@@ -268,57 +228,5 @@ class Authenticator:
 
     async def logout(self, token: str) -> None:
         """Revoke *token*; revoking it again changes nothing."""
-        revoked = await database_call(self.store.revoke_token(token_hash(token)), "token revoke")
+        revoked = await self.store.revoke_token(token_hash(token))
         log.bind(revoked=revoked).info("logout")
-
-    async def check_room_access(self, user: User, room: str) -> None:
-        """Raise unless *user* may read and post in *room*.
-
-        `NotFound` for a missing room, `RoomAccessDenied` for a private room *user* is not a
-        member of (admins enter every room). Answers are cached for `ROOM_ACCESS_TTL`
-        seconds; while PostgreSQL is unreachable a stale answer is served if there is one,
-        else `DatabaseError` is raised.
-        """
-        key = (room, user.id)
-        now = self.clock()
-        access = self._room_access.get(key)
-        if access is None or now - access.checked_at >= ROOM_ACCESS_TTL:
-            try:
-                if not self.store.available:
-                    # The DbMonitor already knows: don't spend a query timeout finding out.
-                    raise DatabaseError("database marked unavailable")
-                row = await database_call(self.store.room_access(room, user.id), "room access")
-            except DatabaseError:
-                access = access or self._public_room_fallback(room, now)
-                if access is None:
-                    raise
-                log.bind(user_id=user.id, topic=f"room:{room}").warning(
-                    "database unreachable; serving a cached room access answer"
-                )
-            else:
-                if row is None:
-                    self._room_access.pop(key, None)
-                    raise NotFound(text="room not found")
-                access = _RoomAccess(now, *row)
-                self._remember(key, access)
-                self._room_is_private[room] = access.is_private
-        if access.is_private and not (access.is_member or user.is_admin):
-            raise RoomAccessDenied(f"user {user.id} is not a member of private room {room}")
-
-    def _public_room_fallback(self, room: str, now: float) -> _RoomAccess | None:
-        # Anyone may use a room last seen public, so an outage need not lock them out.
-        if self._room_is_private.get(room) is False:
-            return _RoomAccess(now, is_private=False, is_member=False)
-        return None
-
-    def _remember(self, key: tuple[str, str], access: _RoomAccess) -> None:
-        self._room_access[key] = access
-        self._room_access.move_to_end(key)
-        if len(self._room_access) > ROOM_ACCESS_CACHE_SIZE:
-            self._room_access.popitem(last=False)
-
-    def forget_room(self, room: str) -> None:
-        """Drop the cached access answers of *room*, after its members changed here."""
-        for key in [key for key in self._room_access if key[0] == room]:
-            del self._room_access[key]
-        self._room_is_private.pop(room, None)

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from app.errors import ConfigError
-from app.sources import load_sources
+from app.log import redact_dsn
+from app.sources import Source, parse_sources, system_source
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Prefix of every variable hearth reads; others with it are typos worth a warning.
+ENV_PREFIX = "HEARTH_"
+#: Endings of variable names whose whole value is a secret, shown as ``***``.
+_SECRET_SUFFIXES = ("_KEY", "_PASSWORD", "_SECRET", "_TOKEN")
 
 
 def setting(env: str, default: Any, doc: str, *, minimum: float | None = None) -> Any:
@@ -87,6 +94,12 @@ class Settings:
     )
     db_pool_size: int = setting(
         "HEARTH_DB_POOL_SIZE", 10, "Most PostgreSQL connections in the pool.", minimum=1
+    )
+    room_writers: int = setting(
+        "HEARTH_ROOM_WRITERS",
+        4,
+        "Room-writer actors; each stores the publishes of its share of the rooms, in order.",
+        minimum=1,
     )
     db_ping_interval: float = setting(
         "HEARTH_DB_PING_INTERVAL", 5.0, "Seconds between DbMonitor pings.", minimum=0.05
@@ -268,7 +281,37 @@ class Settings:
                 raise ConfigError(variable="HEARTH_MESSAGE_KEY", reason=str(exc)) from None
         if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(variable="HEARTH_REDIS_URL", reason="must be a redis:// URL")
-        load_sources(self)
+        self.sources()
+
+    def sources(self) -> list[Source]:
+        """The status feeds: the built-in system feed first, then ``HEARTH_EVENT_SOURCES``.
+
+        Raises `ConfigError` naming ``HEARTH_EVENT_SOURCES`` when it is invalid.
+        """
+        try:
+            upstreams = parse_sources(
+                self.event_sources,
+                default_interval=self.event_interval,
+                default_timeout=self.event_timeout,
+            )
+        except ValueError as exc:
+            raise ConfigError(variable="HEARTH_EVENT_SOURCES", reason=str(exc)) from None
+        return [system_source(interval=self.event_interval, timeout=self.event_timeout), *upstreams]
+
+    def effective(self) -> list[tuple[str, str]]:
+        """Return ``(variable, value)`` for every setting as in effect, secrets hidden.
+
+        Values of secret-named variables (``HEARTH_MESSAGE_KEY``) become ``***`` when set;
+        passwords inside the others (a DSN, a source URL) are masked by `redact_dsn`.
+        """
+        rows = []
+        for f in dataclasses.fields(self):
+            env, value = f.metadata["env"], getattr(self, f.name)
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            if text and env.endswith(_SECRET_SUFFIXES):
+                text = "***"
+            rows.append((env, redact_dsn(text)))
+        return rows
 
     @classmethod
     def documented(cls) -> list[tuple[str, str, str]]:
@@ -276,6 +319,29 @@ class Settings:
         return [
             (f.metadata["env"], str(f.default), f.metadata["doc"]) for f in dataclasses.fields(cls)
         ]
+
+
+def known_variables() -> frozenset[str]:
+    """The name of every ``HEARTH_*`` variable hearth reads."""
+    return frozenset(f.metadata["env"] for f in dataclasses.fields(Settings))
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """Return ``(variable, likely intended name or None)`` for each unknown ``HEARTH_*`` one.
+
+    *environ* defaults to ``os.environ``. Such a variable is most likely a typo that leaves
+    the setting it meant at its default, so it deserves a warning, not silence.
+    """
+    environ = os.environ if environ is None else environ
+    known = known_variables()
+    # Matched without the prefix every name shares, which would make anything look close.
+    stems = {name.removeprefix(ENV_PREFIX): name for name in known}
+    unknown = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), stems, n=1)
+            unknown.append((name, stems[close[0]] if close else None))
+    return unknown
 
 
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
@@ -307,6 +373,11 @@ def _check_dsn(dsn: str) -> None:
         raise ConfigError(
             variable="HEARTH_DATABASE_URL", reason="must be a postgresql:// URL or libpq DSN"
         )
+
+
+def effective_settings(settings: Settings) -> str:
+    """Render *settings* as ``VARIABLE=value`` lines quoted for a POSIX shell, secrets hidden."""
+    return "\n".join(f"{env}={shlex.quote(value)}" for env, value in settings.effective())
 
 
 def settings_table() -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app import metrics
+from app.errors import ctrl_frame, render_error
 from app.log import get_logger
 from app.protocol import encode, error_event
 
@@ -31,6 +32,37 @@ class Limits:
     max_bytes: int = 4 * 1024 * 1024
     warn_ratio: float = 0.5
     send_timeout: float = 5.0
+
+
+class Reply:
+    """The one ctrl frame answering request *request_id* of *connection*.
+
+    Whoever :meth:`claim` s it first answers it: a session that gave up waiting and an
+    actor that got to the request after all can never both reply.
+    """
+
+    __slots__ = ("connection", "request_id", "claimed")
+
+    def __init__(self, connection: Connection, request_id: str | None) -> None:
+        self.connection = connection
+        self.request_id = request_id
+        #: Set by the first :meth:`claim`.
+        self.claimed = False
+
+    def claim(self) -> bool:
+        """Take the right to answer; False when someone already took it."""
+        if self.claimed:
+            return False
+        self.claimed = True
+        return True
+
+    def send(self, code: int, text: str, params: dict[str, Any] | None = None) -> None:
+        """Queue the ctrl reply; only its claimer calls this."""
+        self.connection.offer(encode(ctrl_frame(self.request_id, code, text, params)))
+
+    def send_error(self, exc: BaseException) -> None:
+        """Queue *exc* rendered safely as the reply; only its claimer calls this."""
+        self.connection.offer(encode(render_error(exc, self.request_id)))
 
 
 class Connection:
@@ -56,6 +88,13 @@ class Connection:
         self.is_admin = False
         #: Topics this client subscribed to (as strings).
         self.topics: set[str] = set()
+        #: Room topic -> last seq sent to this client, None until the first; hub-owned.
+        self.room_seqs: dict[str, int | None] = {}
+        #: Room topic -> live frames held back while a gap is filled; hub-owned.
+        self.held: dict[str, list[tuple[int | None, str]]] = {}
+        #: Asks the session to read what this client missed in a room after a seq; the
+        #: session answers the hub with `Filled` or `FillFailed`. None: nobody can.
+        self.on_gap: Callable[[str, int], None] | None = None
         self.limits = limits
         self._send = send
         self._close = close

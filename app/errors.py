@@ -36,6 +36,7 @@ ERROR_CODES: frozenset[str] = frozenset(
         "CONFIG_ERROR",
         "CONFLICT",
         "DATABASE_ERROR",
+        "DATABASE_TIMEOUT",
         "ENCRYPTION_ERROR",
         "FORBIDDEN",
         "GONE",
@@ -45,6 +46,7 @@ ERROR_CODES: frozenset[str] = frozenset(
         "MESSAGE_TOO_LONG",
         "NOT_FOUND",
         "RATE_LIMIT_EXCEEDED",
+        "REQUEST_TIMEOUT",
         "ROOM_ACCESS_DENIED",
         "RPC_FAILURE",
         "RPC_RECOVERED",
@@ -198,9 +200,43 @@ class ServiceUnavailable(AppError):
 
 
 class DatabaseError(ServiceUnavailable):
-    """PostgreSQL failed or is unreachable."""
+    """PostgreSQL failed or is unreachable; the store raises it for every lost connection."""
 
     code = "DATABASE_ERROR"
+    retry_after = 2
+
+
+class DatabaseTimeout(DatabaseError, TimeoutError):
+    """PostgreSQL did not finish an operation within its deadline (ours or the server's)."""
+
+    code = "DATABASE_TIMEOUT"
+    status = 504
+    text = "timeout"
+
+
+class DatabaseRejected(AppError):
+    """PostgreSQL refused a statement for a reason that retrying will not fix.
+
+    Integrity, data and programming errors, and parameters the driver could not adapt (a
+    lone surrogate in a string, for example). *pgcode* is the SQLSTATE, None when the
+    statement never reached the server.
+    """
+
+    code = "INTERNAL_ERROR"
+    status = 500
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        pgcode: str | None = None,
+        text: str | None = None,
+        retry_after: float | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail, text=text, retry_after=retry_after, params=params)
+        #: SQLSTATE of the refusal, e.g. ``23505``; None when the driver refused first.
+        self.pgcode = pgcode
 
 
 class SpoolFull(ServiceUnavailable):
@@ -298,11 +334,22 @@ class ActorError(AppError):
 class MailboxFull(ActorError):
     """An actor's bounded mailbox refused a message."""
 
+    retry_after = 1
+
 
 class ActorTimeout(ActorError, TimeoutError):
     """An actor did not answer a call in time."""
 
     status = 504
+    retry_after = 1
+
+
+class RequestTimeout(ActorError, TimeoutError):
+    """A client request outran its one deadline; it is answered 504, never left hanging."""
+
+    code = "REQUEST_TIMEOUT"
+    status = 504
+    retry_after = 1
 
 
 class ActorCrashed(ActorError):

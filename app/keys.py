@@ -10,10 +10,13 @@ if TYPE_CHECKING:
     from weakref import WeakSet
 
     from actors.hub import Registry
+    from actors.room_writer import Outlet
     from actors.supervisor import Supervisor
     from app.auth import Authenticator
     from app.config import Settings
+    from app.directory import RoomDirectory
     from app.ratelimit import KeyedBuckets
+    from app.spool import Spool
     from app.store import Store
 
 #: The settings the app was built with.
@@ -34,3 +37,11 @@ USER_PUBLISH_BUCKETS: web.AppKey[KeyedBuckets] = web.AppKey("user_publish_bucket
 STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
 #: Logs users in and guards rooms; see app/auth.py.
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
+#: Every room's privacy and members, kept fresh by the DbMonitor; access never queries.
+DIRECTORY: web.AppKey[RoomDirectory] = web.AppKey("directory")
+#: Where stored messages leave the room writers for the hub (and the Redis bridge).
+OUTLET: web.AppKey[Outlet] = web.AppKey("outlet")
+#: The durable spool of publishes waiting for PostgreSQL.
+SPOOL: web.AppKey[Spool] = web.AppKey("spool")
+#: Names of the status feeds this instance serves (``status:<name>``).
+STATUS_TOPICS: web.AppKey[frozenset[str]] = web.AppKey("status_topics")

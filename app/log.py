@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import re
@@ -23,6 +24,7 @@ __all__ = [
     "FATAL",
     "REDACTED",
     "get_logger",
+    "install_loop_exception_handler",
     "iso_utc",
     "new_trace_id",
     "redact",
@@ -252,3 +254,44 @@ def setup_logging(
         encoding="utf-8",
         **common,
     )
+
+
+def _qualname(value: Any) -> str:
+    return str(getattr(value, "__qualname__", None) or type(value).__qualname__)
+
+
+def _loop_context_fields(context: dict[str, Any]) -> dict[str, Any]:
+    # Names and types only: the reprs of tasks, handles, connections and transports can show
+    # arguments, addresses or DSNs. Tracebacks of where things were created are left out too.
+    fields: dict[str, Any] = {}
+    for key, value in context.items():
+        if key in ("message", "exception", "source_traceback", "handle_traceback"):
+            continue
+        if isinstance(value, asyncio.Task):
+            fields["task"] = value.get_name()
+            fields["coroutine"] = _qualname(value.get_coro())
+        elif isinstance(value, asyncio.Handle):
+            # Handles have no public accessor for their callback.
+            fields["callback"] = _qualname(getattr(value, "_callback", value))
+        else:
+            fields[key] = type(value).__qualname__
+    return fields
+
+
+def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exception = context.get("exception")
+    log = get_logger("asyncio").bind(**_loop_context_fields(context))
+    if isinstance(exception, BaseException):
+        log = log.bind(error_type=type(exception).__name__).opt(exception=exception)
+    log.error(str(context.get("message") or "unhandled exception in event loop"))
+
+
+def install_loop_exception_handler(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Route *loop*'s unhandled exceptions into the JSON log instead of onto stderr.
+
+    *loop* defaults to the running loop, so without it call this from a coroutine. Each
+    report ("Task exception was never retrieved", a failed callback, a driver's
+    ``call_exception_handler``) becomes one ERROR line with asyncio's message, the exception
+    type and its redacted traceback, plus the task name and coroutine, never their reprs.
+    """
+    (loop or asyncio.get_running_loop()).set_exception_handler(_log_loop_exception)

@@ -23,6 +23,10 @@ DB_PING_SECONDS = Gauge("hearth_db_ping_seconds", "Latency of the last database 
 PUBLISHES = Counter("hearth_publishes_total", "Publishes by outcome.", ["outcome"])
 #: Records waiting in the spool.
 SPOOL_DEPTH = Gauge("hearth_spool_depth", "Messages waiting in the spool.")
+#: Spooled records moved to the dead-letter file because they can never be stored.
+SPOOL_DEAD_LETTERS = Counter(
+    "hearth_spool_dead_letters_total", "Spooled records moved to the dead-letter file."
+)
 #: Clients connected to this instance.
 HUB_CLIENTS = Gauge("hearth_hub_clients", "WebSocket clients connected.")
 #: Errors answered to clients, by string code.

@@ -68,6 +68,12 @@ class Message:
             raise MessageTooLong(params={"max_length": max_length})
         if "\x00" in content:
             raise ValidationError(text="content must not contain NUL")
+        if not content.isascii():
+            try:
+                content.encode("utf-8")
+            except UnicodeEncodeError:
+                # Valid JSON ("\\ud800") but no UTF-8: PostgreSQL could never store it.
+                raise ValidationError(text="content must not contain lone surrogates") from None
         if not isinstance(client_msg_id, str) or not CLIENT_MSG_ID.fullmatch(client_msg_id):
             raise ValidationError(text="client_msg_id must be 1-64 printable ASCII characters")
         return cls(
@@ -93,3 +99,15 @@ class Message:
         values = {key: value for key, value in record.items() if key in names}
         values["flags"] = tuple(values.get("flags") or ())
         return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomRecord:
+    """A room as the in-memory directory knows it: privacy, position and members."""
+
+    name: str
+    is_private: bool
+    #: Highest seq stored in the room when the record was read.
+    last_seq: int
+    #: User ids (UUIDs as text) of the room's members.
+    members: frozenset[str]

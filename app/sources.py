@@ -5,14 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-from app.errors import ConfigError
 from app.protocol import SOURCE_NAME
-
-if TYPE_CHECKING:
-    from app.config import Settings
 
 __all__ = [
     "KINDS",
@@ -20,8 +16,8 @@ __all__ = [
     "SYSTEM_KIND",
     "SYSTEM_SOURCE",
     "Source",
-    "load_sources",
     "parse_sources",
+    "system_source",
 ]
 
 #: Name (and event type) of the built-in feed about this process and host.
@@ -34,8 +30,6 @@ SYSTEM_KIND = "system"
 PROBE_HEADER = "X-Hearth-Probe"
 #: Keys a source object may have; any other is a typo worth refusing.
 _KEYS = frozenset({"name", "url", "kind", "method", "interval", "timeout", "params"})
-#: The variable every configuration error names.
-_VARIABLE = "HEARTH_EVENT_SOURCES"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,32 +57,22 @@ class Source:
         return f"status:{self.name}"
 
 
-def load_sources(settings: Settings) -> list[Source]:
-    """The feeds of *settings*: the built-in system feed first, then the configured upstreams.
+def system_source(*, interval: float, timeout: float) -> Source:
+    """The built-in feed about this process and host, polled every *interval* seconds.
 
-    Raises :class:`~app.errors.ConfigError` naming ``HEARTH_EVENT_SOURCES`` when it is invalid.
+    *timeout* is its deadline per poll, like an upstream's.
     """
-    system = Source(
-        SYSTEM_SOURCE, SYSTEM_KIND, interval=settings.event_interval, timeout=settings.event_timeout
-    )
-    try:
-        upstreams = parse_sources(
-            settings.event_sources,
-            default_interval=settings.event_interval,
-            default_timeout=settings.event_timeout,
-        )
-    except ValueError as exc:
-        raise ConfigError(variable=_VARIABLE, reason=str(exc)) from None
-    return [system, *upstreams]
+    return Source(SYSTEM_SOURCE, SYSTEM_KIND, interval=interval, timeout=timeout)
 
 
-def parse_sources(raw: str, *, default_interval: float, default_timeout: float) -> list[Source]:
-    """Parse *raw*, a JSON list of source objects or ``@/path/to/file.json``, into sources.
+def parse_sources(spec: str, *, default_interval: float, default_timeout: float) -> list[Source]:
+    """Parse *spec*, a JSON list of source objects or ``@/path/to/file.json``, into upstreams.
 
-    *default_interval* and *default_timeout* fill in what a source leaves out. Raises
-    ValueError with a reason fit for an operator.
+    *default_interval* and *default_timeout* fill in what a source leaves out. The built-in
+    feed is not among the result (see `system_source`). Raises ValueError with a reason fit
+    for an operator.
     """
-    raw = raw.strip()
+    raw = spec.strip()
     if not raw:
         return []
     if raw.startswith("@"):
@@ -98,7 +82,8 @@ def parse_sources(raw: str, *, default_interval: float, default_timeout: float) 
             raise ValueError(f"cannot read {raw[1:]}: {exc.strerror}") from None
     try:
         entries = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the interpreter's recursion limit.
         raise ValueError("must be a JSON list of source objects") from None
     if not isinstance(entries, list):
         raise ValueError("must be a JSON list of source objects")

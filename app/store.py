@@ -1,98 +1,184 @@
-"""The store: every SQL statement hearth runs, behind one query interceptor."""
+"""The store: every SQL statement hearth runs, behind one query interceptor and one error model."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiopg
 import psycopg2
-from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+import psycopg2.extensions
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE, QueryCanceledError
 
 from app import metrics
 from app.crypto import DecryptError, MessageCipher
 from app.errors import (
     RETRYABLE_PGCODES,
+    AppError,
     Conflict,
     DatabaseError,
+    DatabaseRejected,
+    DatabaseTimeout,
     EncryptionError,
     NotFound,
-    SpoolFull,
-    is_retryable,
 )
 from app.log import get_logger, iso_utc, redact_dsn
-from app.models import Message
+from app.models import Message, RoomRecord
 from app.resilience import Backoff
-from app.spool import Spool
 
 log = get_logger("store")
 
 #: Numbered SQL files applied by `migrate`.
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-#: How often a long spool drain reports progress, in messages.
-DRAIN_PROGRESS_EVERY = 1000
-#: pgcodes of a server that is shutting down or restarting (admin_shutdown and friends).
-SERVER_GOING_AWAY_PGCODES = {"57P01", "57P02", "57P03"}
+#: pgcodes of a server that ended the session: it is shutting down or restarting
+#: (admin_shutdown and friends), or one of its idle timeouts struck.
+SERVER_GOING_AWAY_PGCODES = frozenset({"57P01", "57P02", "57P03", "57P05", "25P03"})
+#: SQLSTATE classes of trouble on the server's side, insufficient resources (disk full, too
+#: many connections) and system errors: no fault of the statement, and they may pass.
+SERVER_TROUBLE_CLASSES = frozenset({"53", "58"})
+#: pgcodes of a statement the server gave up on: query_canceled (statement_timeout or a
+#: cancel request) and lock_not_available (lock_timeout).
+TIMEOUT_PGCODES = frozenset({"57014", "55P03"})
+#: How often a backend running a statement checks that we are still there, in milliseconds
+#: (PostgreSQL 14+); an abandoned statement dies within this even if no cancel arrives.
+CLIENT_CHECK_INTERVAL_MS = 1000
+#: The channel the room triggers of ``002_room_notify.sql`` notify, with the room name.
+ROOMS_CHANNEL = "hearth_rooms"
 
 T = TypeVar("T")
 
 
-class MigrationFailed(Exception):
+class MigrationFailed(DatabaseRejected):
     """A migration file failed and was rolled back."""
 
-    def __init__(self, filename: str) -> None:
-        super().__init__(filename)
+    def __init__(self, filename: str, *, pgcode: str | None = None) -> None:
+        super().__init__(filename, pgcode=pgcode)
         #: The file that failed.
         self.filename = filename
 
 
-@dataclass(frozen=True, slots=True)
-class PublishResult:
-    """What the client is told: stored with a seq (200) or spooled (202)."""
+#: Rooms with their members as a text array; callers add WHERE, GROUP BY and ORDER BY.
+_ROOMS_SQL = (
+    "SELECT r.name, r.is_private, r.last_seq,"
+    " COALESCE(array_agg(m.user_id::text) FILTER (WHERE m.user_id IS NOT NULL), '{}')"
+    " FROM rooms r LEFT JOIN room_members m ON m.room = r.name"
+)
 
-    message: Message
-    queued: bool
-    #: True when the same message was stored before: nothing new to fan out.
-    repeat: bool = False
 
-    @property
-    def reply(self) -> dict[str, Any]:
-        """The ``params`` of the acknowledgement."""
-        if self.queued:
-            return {"id": self.message.id, "queued": True}
-        return {"id": self.message.id, "seq": self.message.seq}
+def _room_record(row: tuple[Any, ...]) -> RoomRecord:
+    name, is_private, last_seq, members = row
+    return RoomRecord(
+        name=name, is_private=is_private, last_seq=last_seq, members=frozenset(members)
+    )
+
+
+class _PoolClosed(Exception):
+    """The pool is not open, or aiopg refused an acquire because it is closing."""
 
 
 def _connection_lost(exc: BaseException) -> bool:
     """Whether *exc* means the connection is gone, as opposed to a statement's own failure."""
     if isinstance(exc, psycopg2.Error):
-        # SerializationFailure is an OperationalError too, but the connection is fine.
+        # SerializationFailure and LockNotAvailable are OperationalErrors too, but the
+        # connection is fine.
         pgcode = exc.pgcode or ""
         return isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError) and (
             not pgcode or pgcode.startswith("08") or pgcode in SERVER_GOING_AWAY_PGCODES
         )
-    return isinstance(exc, TimeoutError | OSError)
+    # A timeout is an OSError too, but the connection may be fine and retrying only
+    # doubles the wait.
+    return isinstance(exc, OSError | _PoolClosed) and not isinstance(exc, TimeoutError)
 
 
 def _error_label(exc: BaseException) -> str:
     # psycopg2 messages may quote row values (content, names), so only the type and pgcode
-    # ever reach a log line.
+    # ever reach a log line or an error's detail.
     pgcode = getattr(exc, "pgcode", None)
     return f"{type(exc).__name__}:{pgcode}" if pgcode else type(exc).__name__
+
+
+def _as_app_error(exc: BaseException, *, adapting: bool = False) -> AppError | None:
+    """The error-model twin of the driver-level *exc*; the one place that decides it.
+
+    An `AppError` comes back as it is, and None means *exc* is no database failure (a bug
+    in the work, say) and should propagate unchanged. *adapting* says that *exc* came out of
+    the driver while it turned parameters into SQL, where a ValueError (a lone surrogate
+    or a NUL in a string) means PostgreSQL can never take the value.
+    """
+    if isinstance(exc, AppError):
+        return exc
+    detail = _error_label(exc)
+    if isinstance(exc, TimeoutError):  # our deadline, or aiopg's
+        return DatabaseTimeout(detail)
+    if isinstance(exc, psycopg2.Error):
+        if exc.pgcode in TIMEOUT_PGCODES:
+            return DatabaseTimeout(detail)
+        pgcode = exc.pgcode or ""
+        if (
+            _connection_lost(exc)
+            or pgcode in RETRYABLE_PGCODES
+            or pgcode[:2] in SERVER_TROUBLE_CLASSES
+        ):
+            # A conflict gets here only once its retries are used up; later may work.
+            return DatabaseError(detail)
+        return DatabaseRejected(detail, pgcode=exc.pgcode)
+    if isinstance(exc, OSError | _PoolClosed):
+        return DatabaseError(detail)
+    if adapting and isinstance(exc, ValueError):  # UnicodeEncodeError is one
+        return DatabaseRejected(detail)
+    return None
+
+
+class _AppErrors:
+    """Raise driver-level failures of the block as their `_as_app_error` twin, chained."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: Any
+    ) -> None:
+        # Returning None (never True) tells readers and mypy alike that nothing is swallowed.
+        if isinstance(exc, Exception):
+            error = _as_app_error(exc)
+            if error is not None and error is not exc:
+                raise error from exc
+
+
+def _server_gave_up(exc: asyncio.CancelledError) -> QueryCanceledError | None:
+    # aiopg turns a statement the server cancelled (statement_timeout) into CancelledError.
+    # That is no cancellation of ours, and must not pass for one: it would end the caller.
+    task = asyncio.current_task()
+    cause = exc.__context__
+    if isinstance(cause, QueryCanceledError) and task is not None and not task.cancelling():
+        return cause
+    return None
 
 
 class Cursor:
     """A cursor bound to one connection, whose every statement goes through the interceptor."""
 
-    def __init__(self, store: Store, cursor: aiopg.Cursor) -> None:
+    def __init__(
+        self, store: Store, cursor: aiopg.Cursor, *, backend_pid: int, reused: bool = False
+    ) -> None:
         self._store = store
         self._cursor = cursor
+        #: Process id of the server backend behind the connection.
+        self.backend_pid = backend_pid
+        #: Whether the connection served an earlier operation (and so may have gone stale).
+        self.reused = reused
+
+    @property
+    def connection_closed(self) -> bool:
+        """Whether the connection under this cursor is closed."""
+        return bool(self._cursor.connection.closed)
 
     async def execute(
         self,
@@ -106,18 +192,29 @@ class Cursor:
         """Run *sql* with *params*, timed and counted under *operation* and *table*.
 
         *log_params* is the only view of the parameters a log line may show; never put
-        message content or secrets in it.
+        message content or secrets in it. A statement abandoned half-way (its operation's
+        deadline passed, or its task was cancelled) is cancelled on the server as well.
         """
         started = time.perf_counter()
         try:
-            await self._cursor.execute(sql, params)
+            try:
+                await self._cursor.execute(sql, params)
+            except asyncio.CancelledError as cancelled:
+                server_error = _server_gave_up(cancelled)
+                if server_error is None:
+                    self._failed(operation, table, log_params, cancelled, started)
+                    self._store._cancel_abandoned(self.backend_pid)
+                    raise
+                raise server_error from None
+        except ValueError as exc:  # UnicodeEncodeError included: the driver could not adapt
+            self._failed(operation, table, log_params, exc, started)
+            error = _as_app_error(exc, adapting=True)
+            assert error is not None
+            raise error from exc
         except Exception as exc:
-            metrics.DB_QUERY_ERRORS.labels(operation, table).inc()
-            level = "WARNING" if _connection_lost(exc) else "ERROR"
-            log.bind(
-                operation=operation, table=table, params=log_params, error=_error_label(exc),
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            ).log(level, "query failed")  # fmt: skip
+            self._failed(operation, table, log_params, exc, started)
+            if isinstance(exc, TimeoutError):  # aiopg's own timeout closed the connection
+                self._store._cancel_abandoned(self.backend_pid)
             raise
         finally:
             elapsed = time.perf_counter() - started
@@ -128,6 +225,23 @@ class Cursor:
                 duration_ms=round(elapsed * 1000, 2),
             ).warning("slow query")  # fmt: skip
 
+    def _failed(
+        self,
+        operation: str,
+        table: str,
+        log_params: dict[str, Any] | None,
+        exc: BaseException,
+        started: float,
+    ) -> None:
+        metrics.DB_QUERY_ERRORS.labels(operation, table).inc()
+        # A refusal is a bug or bad data; a lost connection, a timeout or a conflict is the
+        # weather, logged again where it is handled.
+        rejected = isinstance(_as_app_error(exc, adapting=True), DatabaseRejected)
+        log.bind(
+            operation=operation, table=table, params=log_params, error=_error_label(exc),
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        ).log("ERROR" if rejected else "WARNING", "query failed")  # fmt: skip
+
     async def fetchone(self) -> tuple[Any, ...] | None:
         """The next row of the last statement."""
         return await self._cursor.fetchone()
@@ -137,14 +251,58 @@ class Cursor:
         return await self._cursor.fetchall()
 
 
+class Listener:
+    """Notifications of one channel, read from a connection of their own (see `Store.listen`)."""
+
+    def __init__(self, connection: aiopg.Connection, channel: str) -> None:
+        self._connection = connection
+        #: The channel listened to.
+        self.channel = channel
+        # One get outlives a next() that timed out, so no notification is lost between calls.
+        self._pending: asyncio.Task[Any] | None = None
+
+    async def next(self, timeout: float) -> str | None:
+        """The payload of the next notification, or None when *timeout* seconds pass first.
+
+        Raises `DatabaseError` once the connection is lost; notifications sent until then
+        are still returned first.
+        """
+        if self._pending is None:
+            self._pending = asyncio.get_running_loop().create_task(
+                self._connection.notifies.get(), name=f"listen-{self.channel}"
+            )
+        done, _ = await asyncio.wait({self._pending}, timeout=timeout)
+        if not done:
+            return None
+        got, self._pending = self._pending, None
+        with _AppErrors():
+            notify = got.result()
+        return str(notify.payload)
+
+    async def _close(self) -> None:
+        pending, self._pending = self._pending, None
+        try:
+            if pending is not None:
+                pending.cancel()
+                await asyncio.wait({pending})
+                if not pending.cancelled():
+                    pending.exception()  # moot now, but asyncio would report it unread
+        finally:
+            self._connection.close()
+
+
 class Store:
-    """PostgreSQL through an aiopg pool, with the spool as fallback for publishes."""
+    """PostgreSQL through an aiopg pool: every SQL statement hearth runs.
+
+    Every public coroutine raises database trouble only as `DatabaseError` (connection
+    lost, or conflicts that outlived their retries), `DatabaseTimeout` (a deadline passed,
+    ours or the server's) or `DatabaseRejected` (a statement PostgreSQL will never take).
+    """
 
     def __init__(
         self,
         dsn: str,
         *,
-        spool: Spool | None = None,
         cipher: MessageCipher | None = None,
         pool_size: int = 10,
         timeout: float = 5.0,
@@ -153,42 +311,64 @@ class Store:
         tx_backoff: Backoff = Backoff(initial=0.05, max_delay=1.0),
     ) -> None:
         self.dsn = dsn
-        #: Where publishes go while PostgreSQL is unreachable; None only for migrations.
-        self.spool = spool
         self.cipher = cipher
         self.pool_size = pool_size
-        #: Deadline of every pool acquire and statement, in seconds.
+        #: Deadline of one whole operation (pool acquire, statements, the one retry), in
+        #: seconds; the server enforces it too, as statement and lock timeout.
         self.timeout = timeout
         self.slow_query_ms = slow_query_ms
         self.tx_retries = tx_retries
         self.tx_backoff = tx_backoff
-        #: Set by the DbMonitor: False sends publishes straight to the spool.
+        #: Set by the DbMonitor from its pings: False sends publishes straight to the spool.
         self.available = True
-        # (sender, client_msg_id) -> id of the spooled message, so a retried publish gets
-        # the same answer while the first one still waits in the spool.
-        self._spooled_ids: dict[tuple[str, str], str] = {}
         self._pool: aiopg.Pool | None = None
+        # Connections that went back to the pool once; only these may have gone stale.
+        self._pooled: weakref.WeakSet[aiopg.Connection] = weakref.WeakSet()
+        # Cancel requests for abandoned statements, and pool wake-ups; close() ends them.
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     def __repr__(self) -> str:
         return f"<Store {redact_dsn(self.dsn)}>"
 
     # -- pool -------------------------------------------------------------------------------
 
+    def _connect_options(self) -> dict[str, Any]:
+        """Keyword arguments of every connection: server-side deadlines included."""
+        timeout_ms = max(1, round(self.timeout * 1000))
+        # The server stops what we stopped waiting for, even when no cancel reaches it.
+        settings = {
+            "statement_timeout": timeout_ms,
+            "lock_timeout": timeout_ms,
+            "idle_in_transaction_session_timeout": timeout_ms,
+            "client_connection_check_interval": CLIENT_CHECK_INTERVAL_MS,
+        }
+        options = " ".join(f"-c {name}={value}" for name, value in settings.items())
+        given = psycopg2.extensions.parse_dsn(self.dsn).get("options")
+        return {
+            "enable_json": False,
+            "enable_hstore": False,
+            "enable_uuid": False,
+            "options": f"{given} {options}" if given else options,
+        }
+
     async def open(self) -> None:
         """Create the pool; it connects lazily, so this succeeds with PostgreSQL down."""
         if self._pool is None:
-            self._pool = await aiopg.create_pool(
-                self.dsn,
-                minsize=0,
-                maxsize=self.pool_size,
-                timeout=self.timeout,
-                enable_json=False,
-                enable_hstore=False,
-                enable_uuid=False,
-            )
+            with _AppErrors():
+                self._pool = await aiopg.create_pool(
+                    self.dsn,
+                    minsize=0,
+                    maxsize=self.pool_size,
+                    timeout=self.timeout,
+                    **self._connect_options(),
+                )
 
     async def close(self) -> None:
-        """Close every connection."""
+        """Close every connection and end the store's background tasks."""
+        tasks, self._tasks = self._tasks, set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             pool.terminate()
@@ -217,64 +397,145 @@ class Store:
             except Exception as exc:
                 log.bind(error=_error_label(exc)).warning("clearing the pool failed")
 
+    def _track(self, future: asyncio.Future[Any]) -> None:
+        self._tasks.add(future)
+        future.add_done_callback(self._tasks.discard)
+
+    def _cancel_abandoned(self, backend_pid: int) -> None:
+        """Have the server stop the statement backend *backend_pid* runs for nobody now."""
+        # aiopg has closed the connection, and with it the key a cancel request needs, so
+        # another connection asks; its wait must not add to the caller's.
+        task = asyncio.get_running_loop().create_task(
+            self._cancel_backend(backend_pid), name=f"store-cancel-{backend_pid}"
+        )
+        self._track(task)
+
+    async def _cancel_backend(self, backend_pid: int) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with aiopg.connect(
+                    self.dsn, timeout=self.timeout, **self._connect_options()
+                ) as connection:
+                    async with connection.cursor() as cursor:
+                        await cursor.execute("SELECT pg_cancel_backend(%s)", (backend_pid,))
+                        (signalled,) = await cursor.fetchone()
+        except Exception as exc:
+            # The server's statement timeout and its client check still end the statement.
+            log.bind(backend_pid=backend_pid, error=_error_label(exc)).warning(
+                "abandoned statement not cancelled"
+            )
+            return
+        log.bind(backend_pid=backend_pid, signalled=signalled).info("abandoned statement cancelled")
+
     @asynccontextmanager
     async def _cursor(self) -> AsyncIterator[Cursor]:
-        if self._pool is None:
-            raise DatabaseError("pool not open")
-        async with asyncio.timeout(self.timeout):
-            conn = await self._pool.acquire()
+        pool = self._pool
+        if pool is None:
+            raise _PoolClosed("pool not open")
+        try:
+            conn = await pool.acquire()
+        except RuntimeError as exc:
+            if self._pool is not pool or pool.closed:
+                raise _PoolClosed("pool closed") from exc
+            raise
+        reused = conn in self._pooled
         try:
             raw = await conn.cursor()
             try:
-                yield Cursor(self, raw)
+                yield Cursor(self, raw, backend_pid=conn.raw.get_backend_pid(), reused=reused)
             finally:
                 raw.close()
         finally:
-            # A connection left inside a transaction (cancelled, or rollback failed) must
-            # not go back to the pool.
-            if not conn.closed and conn.raw.get_transaction_status() != TRANSACTION_STATUS_IDLE:
+            # A connection busy with a statement or left inside a transaction (cancelled,
+            # or rollback failed) is in no state to serve anyone else.
+            if not conn.closed and (
+                conn.raw.isexecuting()
+                or conn.raw.get_transaction_status() != TRANSACTION_STATUS_IDLE
+            ):
                 conn.close()
-            await self._pool.release(conn)
+            # Not awaited: waking the next waiter may queue behind a hung connect.
+            self._track(asyncio.ensure_future(pool.release(conn)))
+            if not conn.closed:
+                self._pooled.add(conn)
 
-    async def run(self, work: Callable[[Cursor], Awaitable[T]], *, name: str) -> T:
-        """Run *work* on one autocommit connection.
+    async def run(
+        self, work: Callable[[Cursor], Awaitable[T]], *, name: str, timeout: float | None = None
+    ) -> T:
+        """Run *work* on one autocommit connection, all within one deadline.
 
-        A connection that turns out stale costs one retry on a fresh connection; callers
-        only pass idempotent work.
+        The deadline is *timeout* seconds (default, and at most: the store's ``timeout``)
+        and covers the pool acquire, *work* and the retry: a pooled connection that turns
+        out stale costs one retry on a fresh connection, so callers only pass idempotent
+        work. A timeout is never retried. *name* labels logs and metrics.
         """
-        for attempt in (1, 2):
-            try:
-                async with self._cursor() as cursor:
-                    async with asyncio.timeout(self.timeout * 2):
-                        return await work(cursor)
-            except Exception as exc:
-                if attempt == 2 or not _connection_lost(exc):
-                    raise
-                log.bind(name=name, error=_error_label(exc), retry_count=1).warning(
-                    "connection lost; retrying once on a fresh connection"
-                )
-                await self.forget_connections()
-        raise AssertionError("unreachable")
+        return await self._operate(work, name=name, timeout=timeout)
 
-    async def transaction(self, work: Callable[[Cursor], Awaitable[T]], *, name: str) -> T:
+    async def transaction(
+        self, work: Callable[[Cursor], Awaitable[T]], *, name: str, timeout: float | None = None
+    ) -> T:
         """Run *work* inside BEGIN/COMMIT, rolling back on any error.
 
         Serialization failures and deadlocks are retried with backoff up to ``tx_retries``
-        attempts; a stale connection costs one retry. *work* must be idempotent.
+        attempts, and a stale connection costs one retry, all within the one deadline of
+        `run` (*timeout*). *work* must be idempotent; *name* labels logs and metrics.
         """
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await self.run(
-                    lambda cursor: self._in_transaction(cursor, work, name), name=name
+        return await self._operate(work, name=name, timeout=timeout, transactional=True)
+
+    async def _operate(
+        self,
+        work: Callable[[Cursor], Awaitable[T]],
+        *,
+        name: str,
+        timeout: float | None = None,
+        transactional: bool = False,
+        retry_stale: bool = True,
+    ) -> T:
+        budget = self.timeout if timeout is None else min(timeout, self.timeout)
+        with _AppErrors():
+            async with asyncio.timeout(budget) as deadline:
+                return await self._attempts(
+                    work, name, deadline, transactional=transactional, retry_stale=retry_stale
                 )
-            except psycopg2.Error as exc:
-                if exc.pgcode not in RETRYABLE_PGCODES or attempt >= self.tx_retries:
+
+    async def _attempts(
+        self,
+        work: Callable[[Cursor], Awaitable[T]],
+        name: str,
+        deadline: asyncio.Timeout,
+        *,
+        transactional: bool,
+        retry_stale: bool,
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        conflicts = 0
+        while True:
+            used: Cursor | None = None
+            try:
+                async with self._cursor() as cursor:
+                    used = cursor
+                    if transactional:
+                        return await self._in_transaction(cursor, work, name)
+                    return await work(cursor)
+            except Exception as exc:
+                if retry_stale and used is not None and used.reused and _connection_lost(exc):
+                    retry_stale = False
+                    log.bind(name=name, error=_error_label(exc), retry_count=1).warning(
+                        "connection lost; retrying once on a fresh connection"
+                    )
+                    await self.forget_connections()
+                    continue
+                pgcode = getattr(exc, "pgcode", None)
+                if not transactional or pgcode not in RETRYABLE_PGCODES:
                     raise
+                conflicts += 1
+                delay = self.tx_backoff.delay(conflicts)
+                when = deadline.when()
+                if conflicts >= self.tx_retries or (
+                    when is not None and loop.time() + delay >= when
+                ):
+                    raise  # sleeping into the deadline would only turn a conflict into a timeout
                 metrics.DB_TX_RETRIES.labels(name).inc()
-                delay = self.tx_backoff.delay(attempt)
-                log.bind(name=name, retry_count=attempt, error=_error_label(exc)).warning(
+                log.bind(name=name, retry_count=conflicts, error=_error_label(exc)).warning(
                     "transaction conflict; retrying"
                 )
                 await asyncio.sleep(delay)
@@ -289,7 +550,7 @@ class Store:
         except Exception as exc:
             metrics.DB_ROLLBACKS.labels(name).inc()
             log.bind(name=name, error=_error_label(exc)).warning("transaction rolled back")
-            if not _connection_lost(exc):
+            if not cursor.connection_closed and not _connection_lost(exc):
                 try:
                     await cursor.execute("rollback", "-", "ROLLBACK")
                 except Exception as rollback_exc:
@@ -300,25 +561,56 @@ class Store:
         return result
 
     async def ping(self) -> float:
-        """Round-trip ``SELECT 1`` and return its latency in seconds."""
+        """Round-trip ``SELECT 1`` and return its latency in seconds.
+
+        Unlike `run`, a stale connection is not retried: the caller wants to know.
+        """
         started = time.perf_counter()
 
         async def select_one(cursor: Cursor) -> None:
             await cursor.execute("ping", "-", "SELECT 1")
             await cursor.fetchone()
 
-        async with self._cursor() as cursor:
-            async with asyncio.timeout(self.timeout):
-                await select_one(cursor)
+        await self._operate(select_one, name="ping", retry_stale=False)
         return time.perf_counter() - started
+
+    # -- notifications ----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def listen(self, channel: str) -> AsyncIterator[Listener]:
+        """LISTEN to *channel* on a connection of its own, outside the pool.
+
+        Yields a `Listener`; connecting and the LISTEN itself share the store's deadline
+        and raise `DatabaseError` or `DatabaseTimeout`. Listen before loading what the
+        notifications refresh, so that no change falls between the two.
+        """
+        with _AppErrors():
+            async with asyncio.timeout(self.timeout):
+                connection = await aiopg.connect(
+                    self.dsn, timeout=self.timeout, **self._connect_options()
+                )
+        listener = Listener(connection, channel)
+        try:
+            with _AppErrors():
+                async with asyncio.timeout(self.timeout):
+                    cursor = await connection.cursor()
+                    try:
+                        quoted = psycopg2.extensions.quote_ident(channel, connection.raw)
+                        await cursor.execute(f"LISTEN {quoted}")
+                    finally:
+                        cursor.close()
+            yield listener
+        finally:
+            await listener._close()
 
     # -- migrations -------------------------------------------------------------------------
 
     async def migrate(self, folder: Path = MIGRATIONS_DIR) -> list[str]:
         """Apply each pending ``NNN_name.sql`` in *folder* in its own transaction.
 
-        Returns the files applied. A failing file is rolled back, logged at FATAL and
-        raised as `MigrationFailed`; files before it stay applied.
+        Returns the files applied. A file PostgreSQL refuses is rolled back, logged at
+        FATAL and raised as `MigrationFailed`; files before it stay applied. A lost
+        connection or a timeout raises `DatabaseError` or `DatabaseTimeout` instead.
         """
 
         async def ensure_table(cursor: Cursor) -> list[str]:
@@ -356,79 +648,26 @@ class Store:
 
             try:
                 await self.transaction(apply, name="migrate")
-            except psycopg2.Error as exc:
-                log.bind(file=path.name, error=_error_label(exc)).log("FATAL", "migration failed")
-                raise MigrationFailed(path.name) from exc
+            except DatabaseRejected as exc:
+                log.bind(file=path.name, error=exc.detail).log("FATAL", "migration failed")
+                raise MigrationFailed(path.name, pgcode=exc.pgcode) from exc
             log.bind(file=path.name).info("migration applied")
             applied.append(path.name)
         return applied
 
     # -- messages ---------------------------------------------------------------------------
 
-    async def load_spool(self) -> int:
-        """Read what an earlier run left in the spool (off the event loop); return its depth.
+    async def insert_message(
+        self, message: Message, *, timeout: float | None = None
+    ) -> tuple[Message, bool]:
+        """Store *message* like `store_message`, also telling whether the row is new.
 
-        Afterwards a retried publish of a spooled message gets the first answer again.
-        """
-        spool = self._spool()
-        records = await asyncio.to_thread(spool.pending_records)
-        for record in records:
-            self._spooled_ids[(record["sender"], record["client_msg_id"])] = record["id"]
-        return len(records)
-
-    def _spool(self) -> Spool:
-        if self.spool is None:
-            raise DatabaseError("this store has no spool")  # only the migrate command's has none
-        return self.spool
-
-    async def publish(self, message: Message) -> PublishResult:
-        """Store *message* (200 with seq) or, with PostgreSQL away, spool it (202).
-
-        While the spool holds anything, new messages queue behind it so that a room's
-        seq order follows acceptance order. Raises `SpoolFull` when neither is possible.
-        """
-        spool = self._spool()
-        if self.available and spool.depth == 0:
-            try:
-                stored, created = await self._insert_message(message)
-            except Exception as exc:
-                if not is_retryable(exc):  # includes every lost connection
-                    raise
-                log.bind(error=_error_label(exc), topic=f"room:{message.room}").warning(
-                    "database unreachable; spooling the publish"
-                )
-            else:
-                metrics.PUBLISHES.labels("stored" if created else "repeated").inc()
-                return PublishResult(stored, queued=False, repeat=not created)
-        key = (message.sender, message.client_msg_id)
-        if key in self._spooled_ids:
-            metrics.PUBLISHES.labels("repeated").inc()
-            first = replace(message, id=self._spooled_ids[key])
-            return PublishResult(first, queued=True, repeat=True)
-        try:
-            await spool.append(message.to_record())
-        except OSError as exc:
-            # A full or failing disk: refuse the publish rather than acknowledge a loss.
-            log.bind(error=type(exc).__name__, errno=exc.errno).error("spool write failed")
-            metrics.PUBLISHES.labels("refused").inc()
-            raise SpoolFull("spool write failed") from exc
-        self._spooled_ids[key] = message.id
-        metrics.PUBLISHES.labels("spooled").inc()
-        metrics.SPOOL_DEPTH.set(spool.depth)
-        return PublishResult(message, queued=True)
-
-    async def store_message(self, message: Message) -> Message:
-        """Insert *message* and return it with its seq; idempotent by id and client_msg_id.
-
-        Raises `NotFound` for an unknown room and `EncryptionError` when encryption fails.
-        """
-        stored, _ = await self._insert_message(message)
-        return stored
-
-    async def _insert_message(self, message: Message) -> tuple[Message, bool]:
-        """Like `store_message`, also telling whether the row is new (False: a repeat).
-
-        Raises `NotFound` for an unknown room and `EncryptionError` when encryption fails.
+        The flag is False for a repeat (same id, or same sender and client_msg_id), which
+        comes back with the first copy's id and seq. *timeout* shortens the deadline of
+        `transaction`. Raises `NotFound` for an unknown room, `EncryptionError` when
+        encryption fails, `DatabaseRejected` for content PostgreSQL cannot hold (nothing
+        is stored then), and `DatabaseError` or `DatabaseTimeout` when the outcome is
+        unknown: a timed-out insert may still have committed, which a retry then finds.
         """
         content, content_enc = self._seal(message)
 
@@ -464,7 +703,7 @@ class Store:
             )  # fmt: skip
             return replace(message, seq=seq), True
 
-        return await self.transaction(insert, name="store_message")
+        return await self.transaction(insert, name="store_message", timeout=timeout)
 
     def _seal(self, message: Message) -> tuple[str | None, bytes | None]:
         if self.cipher is None:
@@ -538,48 +777,6 @@ class Store:
 
         return await self.run(select, name="latest_seq")
 
-    async def drain_spool(
-        self, on_stored: Callable[[Message], Awaitable[None]] | None = None
-    ) -> int:
-        """Move spooled messages into PostgreSQL in order; returns how many were committed.
-
-        Each is committed idempotently before the spool lets go of it. A message whose room
-        no longer exists is logged at ERROR and dropped, since no retry can store it.
-        *on_stored* sees each newly stored message (with its seq) for fan-out. Progress is
-        logged every `DRAIN_PROGRESS_EVERY` messages, since a long outage makes a long drain.
-        """
-        spool = self._spool()
-        committed = 0
-        pending_at_start = spool.depth
-
-        async def commit(record: dict[str, Any]) -> None:
-            nonlocal committed
-            message = Message.from_record(record)
-            key = (message.sender, message.client_msg_id)
-            try:
-                stored, created = await self._insert_message(message)
-            except NotFound:
-                self._spooled_ids.pop(key, None)
-                log.bind(id=message.id, topic=f"room:{message.room}").error(
-                    "spooled message for a missing room dropped"
-                )
-                return
-            committed += 1
-            self._spooled_ids.pop(key, None)
-            metrics.SPOOL_DEPTH.set(max(spool.depth - 1, 0))
-            if committed % DRAIN_PROGRESS_EVERY == 0:
-                log.bind(committed=committed, pending_at_start=pending_at_start).info(
-                    "draining the spool"
-                )
-            if created and on_stored is not None:
-                await on_stored(stored)
-
-        drained = await spool.drain(commit)
-        metrics.SPOOL_DEPTH.set(spool.depth)
-        if drained:
-            log.bind(count=drained).info("spool drained")
-        return drained
-
     # -- rooms ------------------------------------------------------------------------------
 
     async def create_room(self, name: str, *, private: bool = False) -> bool:
@@ -595,6 +792,28 @@ class Store:
             return await cursor.fetchone() is not None
 
         return await self.run(insert, name="create_room")
+
+    async def load_rooms(self) -> list[RoomRecord]:
+        """Every room with its privacy, last seq and members, in one query, by name."""
+
+        async def select(cursor: Cursor) -> list[RoomRecord]:
+            await cursor.execute("select", "rooms", _ROOMS_SQL + " GROUP BY r.name ORDER BY r.name")
+            return [_room_record(row) for row in await cursor.fetchall()]
+
+        return await self.run(select, name="load_rooms")
+
+    async def load_room(self, name: str) -> RoomRecord | None:
+        """Room *name* with its privacy, last seq and members, or None when there is none."""
+
+        async def select(cursor: Cursor) -> RoomRecord | None:
+            await cursor.execute(
+                "select", "rooms", _ROOMS_SQL + " WHERE r.name = %s GROUP BY r.name", (name,),
+                log_params={"room": name},
+            )  # fmt: skip
+            row = await cursor.fetchone()
+            return None if row is None else _room_record(row)
+
+        return await self.run(select, name="load_room")
 
     # -- analytics --------------------------------------------------------------------------
 

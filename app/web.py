@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp_jinja2
+import jinja2
 from aiohttp import WSCloseCode, web
 from prometheus_async.aio.web import server_stats
 
@@ -18,52 +20,66 @@ from actors.db_monitor import DbMonitor, RecordTransition
 from actors.events import EventSubscriber
 from actors.heartbeat import Heartbeat
 from actors.hub import Announce, Deliver, Hub, Registry, Shutdown
+from actors.room_writer import DrainTick, Outlet, RoomWriter, StopAccepting
 from actors.supervisor import Supervisor
 from app import api, health, keys, ws
-from app.auth import Authenticator, User
+from app.auth import Authenticator
 from app.config import Settings
-from app.connection import Connection
 from app.crypto import parse_keys
+from app.directory import RoomDirectory
 from app.errors import MailboxFull
-from app.log import get_logger
+from app.log import get_logger, install_loop_exception_handler
 from app.middleware import trace_middleware
-from app.models import Message
 from app.ratelimit import KeyedBuckets
 from app.resilience import Backoff
-from app.sources import load_sources
 from app.spool import Spool
 from app.store import Store
 
 log = get_logger("web")
 
+#: The Jinja2 pages (the diagnostics dashboard fills this folder).
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 #: Builds the actors an instance runs, in start order.
 ActorFactory = Callable[[web.Application], list[Actor]]
 
 
 def default_actors(app: web.Application) -> list[Actor]:
-    """The actors every instance runs, in start order, wired to each other."""
+    """The actors every instance runs, in start order, wired to each other.
+
+    A publish goes session -> its room's writer -> store -> outlet -> hub; the DbMonitor
+    keeps the room directory and tells everyone how PostgreSQL is doing.
+    """
     settings = app[keys.SETTINGS]
     options: dict[str, Any] = {
         "mailbox_capacity": settings.mailbox_size,
         "stall_timeout": settings.stall_timeout,
     }
     store = app[keys.STORE]
-    hub = Hub(app[keys.REGISTRY], store, _room_access_check(app), **options)
-
-    async def deliver_drained(message: Message) -> None:
-        _cast_or_log(hub, Deliver(message))
-
     db_monitor = DbMonitor(
-        store, ping_interval=settings.db_ping_interval, on_drained=deliver_drained, **options
+        store, app[keys.DIRECTORY], ping_interval=settings.db_ping_interval, **options
     )
-    db_monitor.listeners.append(
-        lambda component, state: _cast_or_log(
-            hub, Announce("degraded", {"component": component, "state": state})
+    hub = Hub(app[keys.REGISTRY], **options)
+    outlet = app[keys.OUTLET]
+    outlet.subscribe(lambda message: hub.cast(Deliver(message)))
+    writers = [
+        RoomWriter(
+            index, settings.room_writers, store, app[keys.SPOOL], outlet,
+            database_usable=db_monitor.usable_after, ask_for_ping=db_monitor.check_soon,
+            drain_interval=min(1.0, settings.db_ping_interval), **options,
         )
-    )
+        for index in range(settings.room_writers)
+    ]  # fmt: skip
+
+    def on_database_state(component: str, state: str) -> None:
+        _cast_or_log(hub, Announce("degraded", {"component": component, "state": state}))
+        if state == "connected":
+            for writer in writers:
+                _cast_or_log(writer, DrainTick())
+
+    db_monitor.listeners.append(on_database_state)
     events = EventSubscriber(
         hub,
-        load_sources(settings),
+        settings.sources(),
         open_seconds=settings.breaker_open_seconds,
         probe_seconds=settings.breaker_probe_seconds,
         disk_path=settings.spool_dir,
@@ -77,7 +93,7 @@ def default_actors(app: web.Application) -> list[Actor]:
     heartbeat = Heartbeat(
         hub, interval=settings.heartbeat_interval, feeds=events.feed_times, **options
     )
-    return [db_monitor, hub, events, heartbeat]
+    return [db_monitor, hub, *writers, events, heartbeat]
 
 
 def _cast_or_log(actor: Actor, message: object) -> None:
@@ -89,26 +105,10 @@ def _cast_or_log(actor: Actor, message: object) -> None:
         )
 
 
-def _room_access_check(app: web.Application):
-    async def check_access(connection: Connection, room: str) -> None:
-        # Sessions only reach the hub's room operations once authenticated.
-        assert connection.user_id is not None and connection.username is not None
-        user = User(
-            id=connection.user_id, username=connection.username, is_admin=connection.is_admin
-        )
-        await app[keys.AUTH].check_room_access(user, room)
-
-    return check_access
-
-
 def build_store(settings: Settings) -> Store:
-    """The store for *settings*, with its spool and optional cipher; does no I/O."""
+    """The store for *settings*, with its optional cipher; does no I/O."""
     return Store(
         settings.database_url,
-        spool=Spool(
-            Path(settings.spool_dir) / "publish.spool",
-            max_bytes=int(settings.spool_max_mb * 1024 * 1024),
-        ),
         cipher=parse_keys(settings.message_key) if settings.message_key else None,
         pool_size=settings.db_pool_size,
         timeout=settings.db_timeout,
@@ -129,26 +129,50 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
     app[keys.AUTH] = Authenticator.from_settings(lambda: app[keys.STORE], settings)
     app[keys.WEBSOCKETS] = weakref.WeakSet()
     app[keys.REGISTRY] = Registry()
+    app[keys.DIRECTORY] = RoomDirectory(Path(settings.spool_dir) / "rooms.json")
+    app[keys.OUTLET] = Outlet()
+    app[keys.STATUS_TOPICS] = frozenset(source.name for source in settings.sources())
     app[keys.USER_PUBLISH_BUCKETS] = KeyedBuckets(settings.user_pub_rate, settings.user_pub_burst)
     app.add_routes(health.routes)
     app.add_routes(api.routes)
     app.add_routes(ws.routes)
     app.router.add_get("/metrics", server_stats)
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES_DIR))
+    app.cleanup_ctx.append(_loop_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_supervisor_ctx(actors))
     app.on_shutdown.append(_begin_draining)
     return app
 
 
+async def _loop_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Whatever the event loop reports (a task nobody awaited, a driver's fatal error)
+    # goes through the JSON log and its redaction, never raw to stderr.
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    install_loop_exception_handler(loop)
+    yield
+    loop.set_exception_handler(previous)
+
+
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = build_store(app[keys.SETTINGS])
+    settings = app[keys.SETTINGS]
+    store = build_store(settings)
     app[keys.STORE] = store
+    spool = Spool(
+        Path(settings.spool_dir) / "publish.spool",
+        max_bytes=int(settings.spool_max_mb * 1024 * 1024),
+    )
+    app[keys.SPOOL] = spool
     # Scan the spool now, off the event loop, rather than on the first publish.
-    pending = await store.load_spool()
+    pending = len(await spool.pending())
     if pending:
         log.bind(spool_depth=pending).warning(
             "spool holds messages from an earlier run; they drain once PostgreSQL answers"
         )
+    rooms = await asyncio.to_thread(app[keys.DIRECTORY].load_snapshot)
+    if rooms:
+        log.bind(rooms=rooms).info("room directory seeded from its snapshot")
     yield
     await store.close()
 
@@ -181,8 +205,9 @@ async def _begin_draining(app: web.Application) -> None:
 async def drain(app: web.Application, *, grace: float = 0.0) -> None:
     """Shutdown's first step: readiness 503 at once, then goodbye to every client.
 
-    After *grace* seconds (time for the load balancer to notice), the hub lets in-flight
-    publishes finish and sends every client SERVER_SHUTDOWN then a 1001 close. Idempotent.
+    After *grace* seconds (time for the load balancer to notice), the room writers answer
+    the publishes already in their mailboxes and refuse later ones, then the hub sends
+    every client SERVER_SHUTDOWN and a 1001 close. Idempotent.
     """
     state = app[keys.DRAINING]
     if state["draining"]:
@@ -196,11 +221,16 @@ async def drain(app: web.Application, *, grace: float = 0.0) -> None:
     if supervisor is not None:
         deadline = settings.shutdown_timeout / 2
         try:
-            hub = supervisor.get("hub")
-            assert isinstance(hub, Hub)
-            await hub.request(Shutdown(deadline=deadline), timeout=deadline + 1)
+            # Each writer answers publishes queued before this first: none is half done.
+            for index in range(settings.room_writers):
+                await supervisor.get(f"room_writer.{index}").call(StopAccepting(), deadline / 2)
+            connections = await supervisor.get("hub").call(
+                Shutdown(drain=deadline / 4), timeout=deadline / 4
+            )
+            async with asyncio.timeout(deadline / 2):
+                await asyncio.gather(*(c.wait_closed() for c in connections))
         except Exception as exc:
-            log.bind(error=type(exc).__name__).error("hub could not say goodbye to clients")
+            log.bind(error=type(exc).__name__).error("could not say goodbye to every client")
     sockets: weakref.WeakSet[web.WebSocketResponse] = app[keys.WEBSOCKETS]
     for socket in list(sockets):
         await socket.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")

@@ -3,41 +3,52 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
+import time
 from typing import Any
 
 from aiohttp import WSMsgType, web
 from yarl import URL
 
 from actors.hub import (
-    CatchUp,
-    History,
+    Filled,
+    FillFailed,
     Hub,
     Join,
     Leave,
     PresenceQuery,
-    Publish,
     Subscribe,
     Unsubscribe,
     count_error,
 )
+from actors.room_writer import Publish, RoomWriter, shard_of
 from app import keys, metrics
-from app.connection import CLOSE_POLICY, Connection, Limits
+from app.connection import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, Connection, Limits, Reply
+from app.directory import Member
 from app.errors import (
     AppError,
     AuthFailed,
     AuthRequired,
     NotFound,
     RateLimited,
+    RequestTimeout,
     ServerShutdown,
+    ServiceUnavailable,
     ValidationError,
-    ctrl_frame,
     log_error,
-    render_error,
 )
 from app.log import get_logger, trace_context
 from app.models import Message
-from app.protocol import DEFAULT_HISTORY_LIMIT, BadFrame, Request, encode, parse_request
+from app.protocol import (
+    DEFAULT_HISTORY_LIMIT,
+    BadFrame,
+    Request,
+    Topic,
+    data_frame,
+    encode,
+    parse_request,
+)
 from app.ratelimit import KeyedBuckets, TokenBucket
 
 log = get_logger("ws")
@@ -46,6 +57,10 @@ routes = web.RouteTableDef()
 
 #: Failed auth attempts after which the socket is closed with 1008.
 MAX_AUTH_FAILURES = 3
+#: Messages read from the store per catch-up or gap-repair page.
+FILL_PAGE = 100
+#: Seconds a request may take beyond the database deadline before it is answered 504.
+REQUEST_MARGIN = 1.0
 
 
 def origin_allowed(request: web.Request, allowed: str) -> bool:
@@ -67,32 +82,56 @@ def origin_allowed(request: web.Request, allowed: str) -> bool:
 
 
 class Session:
-    """One client's request loop: auth state, rate limits, and dispatch to the hub."""
+    """One client's request loop: auth state, rate limits, and dispatch to the actors.
+
+    Every request gets exactly one ctrl, within one deadline (the database timeout plus
+    `REQUEST_MARGIN`). Reads a client needs (catch-up, history, gap repair) go to the
+    store from here, after the access check against the in-memory room directory. The
+    session owns the gap-repair tasks it starts and ends them when the client leaves.
+    """
 
     def __init__(self, app: web.Application, connection: Connection) -> None:
         settings = app[keys.SETTINGS]
+        supervisor = app[keys.SUPERVISOR]
         self.app = app
         self.connection = connection
-        self.hub: Hub = app[keys.SUPERVISOR].get("hub")  # type: ignore[assignment]
+        self.hub: Hub = supervisor.get("hub")  # type: ignore[assignment]
+        self.writers: list[RoomWriter] = [
+            supervisor.get(f"room_writer.{index}")  # type: ignore[misc]
+            for index in range(settings.room_writers)
+        ]
+        self.store = app[keys.STORE]
+        self.directory = app[keys.DIRECTORY]
+        self.status_topics = app[keys.STATUS_TOPICS]
         self.authenticated = asyncio.Event()
         self.auth_failures = 0
         self.publish_bucket = TokenBucket(settings.pub_rate, settings.pub_burst)
         self.user_buckets: KeyedBuckets = app[keys.USER_PUBLISH_BUCKETS]
         self.max_content_length = settings.max_content_length
+        #: One deadline for every request, in seconds.
+        self.deadline = settings.db_timeout + REQUEST_MARGIN
+        #: Gap repairs under way, by room topic; each is a task this session owns.
+        self.repairs: dict[str, asyncio.Task[None]] = {}
+        #: Set once the client left: no new repair starts.
+        self.closing = False
+        connection.on_gap = self.repair_gap
 
     def reply(
         self, request_id: str | None, code: int, text: str, params: dict[str, Any] | None = None
     ) -> None:
         """Queue the one ctrl frame that answers *request_id*."""
-        self.connection.offer(encode(ctrl_frame(request_id, code, text, params)))
+        Reply(self.connection, request_id).send(code, text, params)
 
     def reply_error(self, exc: BaseException, request_id: str | None) -> None:
         """Answer *request_id* with *exc* rendered safely, logging it at its level."""
+        self._log_error(exc)
+        Reply(self.connection, request_id).send_error(exc)
+
+    def _log_error(self, exc: BaseException) -> None:
         count_error(exc)
         log_error(
             exc, component="ws", client_id=self.connection.id, user_id=self.connection.user_id
         )
-        self.connection.offer(encode(render_error(exc, request_id)))
 
     async def handle_text(self, text: str) -> None:
         """Parse one text frame and answer it with exactly one ctrl."""
@@ -103,31 +142,46 @@ class Session:
                 self.reply_error(exc, exc.request_id)
             return
         with trace_context(request.trace_id):
+            reply = Reply(self.connection, request.id)
             try:
-                await self.dispatch(request)
+                async with asyncio.timeout(self.deadline):
+                    await self.dispatch(request, reply)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.reply_error(exc, request.id)
+                if isinstance(exc, TimeoutError) and not isinstance(exc, AppError):
+                    exc = RequestTimeout(f"{request.op} took longer than {self.deadline}s")
+                if reply.claim():
+                    self._log_error(exc)
+                    reply.send_error(exc)
+                else:
+                    log.bind(client_id=self.connection.id, error=type(exc).__name__).info(
+                        "request failed after it was answered"
+                    )
 
-    async def dispatch(self, request: Request) -> None:
-        """Serve *request*; raises an `AppError` for the caller to render."""
+    async def dispatch(self, request: Request, reply: Reply) -> None:
+        """Serve *request*, answering through *reply*; raises an `AppError` to answer with."""
         if request.op == "auth":
-            await self.auth(request)
+            await self.auth(request, reply)
             return
         if not self.authenticated.is_set():
             raise AuthRequired()
         handler = getattr(self, f"op_{request.op}")
-        await handler(request)
+        await handler(request, reply)
 
-    async def auth(self, request: Request) -> None:
+    def member(self) -> Member:
+        """Who this connection is, for room access checks."""
+        assert self.connection.user_id is not None  # only authenticated sessions get here
+        return Member(user_id=self.connection.user_id, is_admin=self.connection.is_admin)
+
+    async def auth(self, request: Request, reply: Reply) -> None:
         """``auth {token}``: authenticate the connection; 3 failures close it with 1008."""
         authenticator = self.app[keys.AUTH]
         try:
             user = await authenticator.authenticate(request.fields["token"])
         except AuthFailed:
             self.auth_failures += 1
-            if self.auth_failures >= MAX_AUTH_FAILURES:
+            if self.auth_failures >= MAX_AUTH_FAILURES and reply.claim():
                 self.reply_error(AuthFailed(), request.id)
                 self.connection.shut(CLOSE_POLICY, "too many failed auth attempts")
                 return
@@ -140,34 +194,63 @@ class Session:
         )
         self.authenticated.set()
         log.bind(client_id=connection.id, user_id=user.id).info("client authenticated")
-        self.reply(request.id, 200, "ok", {"user": {"id": user.id, "username": user.username}})
+        if reply.claim():
+            reply.send(200, "ok", {"user": {"id": user.id, "username": user.username}})
 
-    async def op_ping(self, request: Request) -> None:
+    async def op_ping(self, request: Request, reply: Reply) -> None:
         """``ping``: answer pong."""
-        self.reply(request.id, 200, "pong")
+        if reply.claim():
+            reply.send(200, "pong")
 
-    async def op_sub(self, request: Request) -> None:
+    async def op_sub(self, request: Request, reply: Reply) -> None:
         """``sub {topic, since?}``: subscribe, answer the latest seq, then send what was missed."""
         topic = request.topic()
+        head = None
+        if topic.is_room:
+            head = self.directory.check_access(self.member(), topic.name).last_seq
+        elif topic.name not in self.status_topics:
+            raise NotFound(f"status feed {topic.name}", text="unknown status feed")
         since = request.fields.get("since") if topic.is_room else None
-        seq = await self.hub.request(Subscribe(self.connection, topic, since))
-        self.reply(request.id, 200, "ok", {"seq": seq} if topic.is_room else None)
-        if since is not None:
-            await self.hub.request(CatchUp(self.connection, topic, since))
+        subscribe = Subscribe(self.connection, topic, reply, since=since, head=head)
+        try:
+            made = await self.hub.call(subscribe)
+        except AppError:
+            if since is not None:
+                # The hub may still make it, holding frames for a catch-up nobody sends.
+                self._cast_or_close(Unsubscribe(self.connection, topic))
+            raise
+        if not made:
+            raise ServiceUnavailable("connection not registered with the hub")
+        if since is None:
+            return  # the hub answered, before any live frame of the topic
+        key = str(topic)
+        try:
+            page = await self.store.history(topic.name, since=since, limit=FILL_PAGE)
+        except AppError:
+            self._cast_or_close(Unsubscribe(self.connection, topic))
+            raise
+        last = page[-1].seq if page and page[-1].seq else since
+        if reply.claim():
+            reply.send(200, "ok", {"seq": max(last, head or 0)})
+        self._cast_or_close(
+            Filled(self.connection, key, tuple(page), complete=len(page) < FILL_PAGE)
+        )
 
-    async def op_unsub(self, request: Request) -> None:
+    async def op_unsub(self, request: Request, reply: Reply) -> None:
         """``unsub {topic}``: end a subscription; 404 when there was none."""
         if not await self.hub.call(Unsubscribe(self.connection, request.topic())):
             raise NotFound(text="not subscribed")
-        self.reply(request.id, 200, "ok")
+        if reply.claim():
+            reply.send(200, "ok")
 
-    async def op_pub(self, request: Request) -> None:
+    async def op_pub(self, request: Request, reply: Reply) -> None:
         """``pub {topic, content, client_msg_id}``: 200 {id, seq} stored, 202 {id, queued} spooled."""
         topic = request.topic()
         if not topic.is_room:
             raise ValidationError(text="status topics are read-only")
         if self.app[keys.DRAINING]["draining"]:
             raise ServerShutdown(retry_after=5)
+        self.directory.check_access(self.member(), topic.name)
         message = Message.accept(
             room=topic.name,
             sender=self.connection.username or "",
@@ -177,11 +260,15 @@ class Session:
             trace_id=request.trace_id,
         )
         self._take_publish_tokens()
-        result = await self.hub.request(Publish(self.connection, message))
-        if result.queued:
-            self.reply(request.id, 202, "accepted", result.reply)
-        else:
-            self.reply(request.id, 200, "ok", result.reply)
+        writer = self.writers[shard_of(topic.name, len(self.writers))]
+        # The writer answers by the database deadline; the margin covers its mailbox.
+        deadline = time.monotonic() + self.store.timeout
+        result = await writer.call(Publish(message, deadline), timeout=self.deadline)
+        if reply.claim():
+            if result.queued:
+                reply.send(202, "accepted", result.reply)
+            else:
+                reply.send(200, "ok", result.reply)
 
     def _take_publish_tokens(self) -> None:
         wait = self.publish_bucket.take()
@@ -193,30 +280,96 @@ class Session:
         if wait > 0:
             raise RateLimited(retry_after=max(1, int(wait + 0.999)))
 
-    async def op_history(self, request: Request) -> None:
+    async def op_history(self, request: Request, reply: Reply) -> None:
         """``history {topic, before?|since?, limit}``: data frames, then ctrl 200 with count."""
         topic = request.topic()
         if not topic.is_room:
             raise ValidationError(text="history is kept for rooms only")
+        self.directory.check_access(self.member(), topic.name)
         fields = request.fields
-        page = await self.hub.request(
-            History(
-                self.connection,
-                topic.name,
-                since=fields.get("since"),
-                before=fields.get("before"),
-                limit=fields.get("limit", DEFAULT_HISTORY_LIMIT),
-            )
+        page = await self.store.history(
+            topic.name,
+            since=fields.get("since"),
+            before=fields.get("before"),
+            limit=fields.get("limit", DEFAULT_HISTORY_LIMIT),
         )
-        self.reply(request.id, 200, "ok", {"count": len(page)})
+        if not reply.claim():
+            return
+        for stored in page:
+            self.connection.offer(encode(data_frame(stored)))
+        reply.send(200, "ok", {"count": len(page)})
 
-    async def op_presence(self, request: Request) -> None:
+    async def op_presence(self, request: Request, reply: Reply) -> None:
         """``presence {topic}``: the users online in a room on this instance."""
         topic = request.topic()
         if not topic.is_room:
             raise ValidationError(text="presence is kept for rooms only")
+        self.directory.check_access(self.member(), topic.name)
         users = await self.hub.call(PresenceQuery(topic))
-        self.reply(request.id, 200, "ok", {"users": users})
+        if reply.claim():
+            reply.send(200, "ok", {"users": users})
+
+    # -- gap repair --------------------------------------------------------------------------
+
+    def repair_gap(self, key: str, after: int) -> None:
+        """Read what this client missed in room topic *key* after seq *after* (hub's ask)."""
+        if self.closing:
+            return  # the client left; the hub forgets its subscriptions next
+        running = self.repairs.get(key)
+        if running is not None and not running.done():
+            return  # its answer makes the hub ask again if the gap is still open
+        task = asyncio.create_task(self._repair(key, after), name=f"repair-{self.connection.id}")
+        self.repairs[key] = task
+        task.add_done_callback(functools.partial(self._repair_done, key))
+
+    async def _repair(self, key: str, after: int) -> None:
+        connection = self.connection
+        room = Topic("room", key.partition(":")[2])
+        # Pace the reads by the client: a page only once half its backlog bound is free.
+        while connection.backlog["frames"] > connection.limits.max_messages // 2:
+            if connection.closed:
+                return
+            await asyncio.sleep(0.05)
+        try:
+            page = await self.store.history(room.name, since=after, limit=FILL_PAGE)
+        except AppError as exc:
+            log.bind(client_id=connection.id, topic=key, error=exc.code).warning(
+                "gap repair failed; client told to resync"
+            )
+            self._cast_or_close(FillFailed(connection, key))
+            return
+        self._cast_or_close(Filled(connection, key, tuple(page), complete=len(page) < FILL_PAGE))
+
+    def _repair_done(self, key: str, task: asyncio.Task[None]) -> None:
+        if self.repairs.get(key) is task:
+            del self.repairs[key]
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.bind(client_id=self.connection.id, topic=key, error=type(error).__name__).opt(
+            exception=error
+        ).error("gap repair crashed")
+        self._cast_or_close(FillFailed(self.connection, key))
+
+    async def close(self) -> None:
+        """End the repairs this session started."""
+        self.closing = True
+        tasks = [task for task in self.repairs.values() if not task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.repairs.clear()
+
+    def _cast_or_close(self, message: object) -> None:
+        """Tell the hub; if its mailbox is full, close the client (1013) rather than leave it
+        waiting on an answer that will never come."""
+        try:
+            self.hub.cast(message)
+        except AppError:
+            log.bind(client_id=self.connection.id, kind=type(message).__name__).error(
+                "hub mailbox full; closing the client so it recovers on reconnect"
+            )
+            self.connection.shut(CLOSE_TRY_AGAIN_LATER, "server busy")
 
 
 @routes.get("/ws")
@@ -231,7 +384,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         raise web.HTTPServiceUnavailable(text="server shutting down", headers={"Retry-After": "5"})
     ws = web.WebSocketResponse(
         compress=settings.ws_compress,
-        max_msg_size=settings.ws_max_msg_size,
+        # aiohttp refuses a frame of exactly max_msg_size; the limit is inclusive for us.
+        max_msg_size=settings.ws_max_msg_size + 1,
         heartbeat=settings.ws_ping_interval,
     )
     await ws.prepare(request)
@@ -258,7 +412,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     try:
         sockets.add(ws)
         connection.start()
-        session.hub.cast(Join(connection))
+        try:
+            session.hub.cast(Join(connection))
+        except AppError:
+            log.bind(client_id=connection.id).error("hub mailbox full; connection refused")
+            connection.shut(CLOSE_TRY_AGAIN_LATER, "server busy")
+            return ws
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 await session.handle_text(message.data)
@@ -284,6 +443,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             session.hub.cast(Leave(connection, unexpected=unexpected))
         except AppError as exc:
             log.bind(client_id=connection.id, error=exc.code).error("hub refused a leave")
+        await session.close()
         await connection.closed_by_peer()
     return ws
 

@@ -9,8 +9,10 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -160,6 +162,13 @@ class WsClient:
         request_id = await self.send(op=op, **fields)
         frame = await self.wait_for(lambda f: f.get("ctrl", {}).get("id") == request_id, timeout)
         return frame["ctrl"]
+
+    async def settle(self, seconds: float) -> None:
+        """Buffer whatever else arrives within *seconds* (late or duplicate frames show now)."""
+        try:
+            await self.wait_for(lambda frame: False, seconds)
+        except TimeoutError:
+            pass
 
     def take(self, kind: str, predicate=lambda body: True) -> list[dict]:
         """Remove and return buffered frames of *kind* ('data', 'event', 'ctrl') matching."""
@@ -314,3 +323,107 @@ class StalledReader:
         except ConnectionResetError:
             return True
         return True
+
+
+class PgProxy:
+    """A real TCP proxy in front of PostgreSQL that can hold back the reply to a COMMIT.
+
+    It makes the one fault a live server cannot be asked for: a COMMIT that succeeds on the
+    server while its answer arrives after the client gave up. Arm it with
+    :meth:`delay_next_commit`; the server's bytes on that connection are then held for the
+    given seconds after the COMMIT is seen (psycopg2 sends simple ``Q`` messages).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._commit_delay: float | None = None
+        #: COMMITs whose answer was held back.
+        self.delayed_commits = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        """Listen on a free loopback port."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def dsn(self, dsn: str) -> str:
+        """*dsn* (a postgresql:// URL) pointed at this proxy instead."""
+        return dsn.replace(f":{self.target_port}/", f":{self.port}/")
+
+    def delay_next_commit(self, seconds: float) -> None:
+        """Hold the server's answer to the next COMMIT for *seconds*."""
+        self._commit_delay = seconds
+
+    async def close(self) -> None:
+        """Stop listening and cut every proxied connection."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, client_reader, client_writer) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            server_reader, server_writer = await asyncio.open_connection(
+                "127.0.0.1", self.target_port
+            )
+        except OSError:
+            client_writer.close()
+            self._tasks.discard(task)
+            return
+        hold_until = [0.0]
+
+        async def upstream() -> None:
+            while data := await client_reader.read(65536):
+                if self._commit_delay is not None and b"Q" in data and b"COMMIT\x00" in data:
+                    hold_until[0] = asyncio.get_running_loop().time() + self._commit_delay
+                    self._commit_delay = None
+                    self.delayed_commits += 1
+                server_writer.write(data)
+                await server_writer.drain()
+            server_writer.close()
+
+        async def downstream() -> None:
+            while data := await server_reader.read(65536):
+                wait = hold_until[0] - asyncio.get_running_loop().time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                client_writer.write(data)
+                await client_writer.drain()
+            client_writer.close()
+
+        try:
+            await asyncio.gather(upstream(), downstream())
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            server_writer.close()
+            client_writer.close()
+            self._tasks.discard(task)
+
+
+def postgres_pids(server: LocalPostgres) -> list[int]:
+    """The postmaster of *server* and every process it started."""
+    postmaster = server.pid()
+    children = subprocess.run(
+        ["pgrep", "-P", str(postmaster)], capture_output=True, text=True
+    ).stdout.split()
+    return sorted({postmaster, *map(int, children)})
+
+
+@contextlib.contextmanager
+def hung(server: LocalPostgres) -> Iterator[None]:
+    """*server* SIGSTOPped, postmaster and backends alike, until the block ends."""
+    pids = postgres_pids(server)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)

@@ -144,3 +144,18 @@ async def test_unreachable_database_fails_with_one_line():
     """Without PostgreSQL a command exits 1 after one ``database unreachable`` error line."""
     run = await hearth(f"postgresql://hearth@127.0.0.1:{free_port()}/hearth", "room", "create", "x")
     assert_failed_with(run, "database unreachable")
+
+
+async def test_migrate_without_database_is_one_fatal_line():
+    """``migrate`` without PostgreSQL exits 1 after one FATAL line, no traceback, no password."""
+    dsn = f"postgresql://hearth:Zqhunter2@127.0.0.1:{free_port()}/hearth"
+    run = await hearth(dsn, "migrate")
+    assert run.returncode == 1, run
+    assert "Traceback" not in run.stdout + run.stderr
+    assert "Zqhunter2" not in run.stdout + run.stderr
+    assert run.stderr == ""
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    (fatal,) = [line for line in lines if line["level"] in ("error", "fatal")]
+    assert fatal["level"] == "fatal"
+    assert fatal["database"] == dsn.replace("Zqhunter2", "***")
+    assert fatal["error"] in ("DatabaseError", "OperationalError")

@@ -26,6 +26,8 @@ from app.errors import (
     CircuitOpen,
     ConfigError,
     DatabaseError,
+    DatabaseRejected,
+    DatabaseTimeout,
     EncryptionError,
     InternalError,
     MessageTooLong,
@@ -89,6 +91,33 @@ def test_actor_errors_keep_their_contract() -> None:
     assert errors.MailboxFull.code == errors.ActorCrashed.code == "SERVICE_ERROR"
     assert issubclass(ActorTimeout, TimeoutError) and ActorTimeout.status == 504
     assert issubclass(UpstreamTimeout, TimeoutError) and UpstreamTimeout.status == 504
+
+
+def test_database_errors_keep_their_contract() -> None:
+    """The store's three errors: 503 DatabaseError and 504 DatabaseTimeout say retry in 2 s; DatabaseRejected is a 500 that will not heal."""
+    assert (DatabaseError.status, DatabaseError.code, DatabaseError.retry_after) == (
+        503,
+        "DATABASE_ERROR",
+        2,
+    )
+    assert issubclass(DatabaseTimeout, DatabaseError) and issubclass(DatabaseTimeout, TimeoutError)
+    timeout = DatabaseTimeout("TimeoutError")
+    assert (timeout.status, timeout.code, timeout.retry_after) == (504, "DATABASE_TIMEOUT", 2)
+    assert timeout.recoverable and timeout.client_text == "timeout"
+    rejected = DatabaseRejected("UniqueViolation:23505", pgcode="23505")
+    assert (rejected.status, rejected.code, rejected.pgcode) == (500, "INTERNAL_ERROR", "23505")
+    assert not rejected.recoverable and not isinstance(rejected, DatabaseError)
+    assert DatabaseRejected().pgcode is None
+
+
+def test_render_database_timeout_and_rejection() -> None:
+    """A DatabaseTimeout renders as 504 with retry_after; a DatabaseRejected as a plain 500 without its pgcode."""
+    ctrl = render_error(DatabaseTimeout("TimeoutError"), "r3")["ctrl"]
+    assert (ctrl["code"], ctrl["text"]) == (504, "timeout")
+    assert ctrl["params"] == {"error": "DATABASE_TIMEOUT", "retry_after": 2}
+    ctrl = render_error(DatabaseRejected("NotNullViolation:23502", pgcode="23502"), "r4")["ctrl"]
+    assert (ctrl["code"], ctrl["text"]) == (500, "internal error")
+    assert ctrl["params"] == {"error": "INTERNAL_ERROR"}
 
 
 @pytest.mark.parametrize(
@@ -231,6 +260,8 @@ def test_property_13_rendered_errors_share_one_format(
         (AuthFailed("bad password for bob"), "warn"),
         (RateLimited("u1"), "warn"),
         (DatabaseError("connection refused"), "warn"),
+        (DatabaseTimeout("TimeoutError"), "warn"),
+        (DatabaseRejected("UniqueViolation:23505", pgcode="23505"), "error"),
         (ServerShutdown(), "warn"),
         (EncryptionError("cipher broke"), "error"),
         (ValueError("unexpected"), "error"),
@@ -307,6 +338,8 @@ class ServerUniqueViolation(ServerConflict):
         (redis.exceptions.TimeoutError(), True),
         (redis.exceptions.ResponseError("WRONGTYPE"), False),
         (DatabaseError(), True),
+        (DatabaseTimeout(), True),
+        (DatabaseRejected(pgcode="23505"), False),
         (RateLimited(), True),
         (CircuitOpen(), True),
         (AuthFailed(), False),

@@ -229,7 +229,7 @@ async def test_status_values_and_feed_errors_are_conflated_for_a_lagging_client(
         pass
 
     registry = Registry()
-    hub = Hub(registry, store=None, check_access=None)  # status traffic never touches either
+    hub = Hub(registry)
     running = asyncio.create_task(hub.run())
     connection = Connection(send, close)
     connection.start()
@@ -256,3 +256,236 @@ async def test_status_values_and_feed_errors_are_conflated_for_a_lagging_client(
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
     await connection.closed_by_peer()
+
+
+# -- the registry, in isolation --------------------------------------------------------------
+
+
+class Recorder:
+    """A client end without a socket: what the hub offered it, decoded, in order."""
+
+    def __init__(self, username: str) -> None:
+        from app.connection import Connection, Limits
+
+        async def send(frame: str) -> None:  # never started: frames stay in the backlog
+            raise AssertionError("not a live socket")
+
+        async def close(**_) -> None:
+            pass
+
+        self.connection = Connection(send, close, limits=Limits(max_messages=10_000))
+        self.connection.username = username
+        self.connection.user_id = username
+        #: (room topic, after) gap fills the hub asked this client's session for.
+        self.fills: list[tuple[str, int]] = []
+        self.connection.on_gap = lambda key, after: self.fills.append((key, after))
+
+    def frames(self) -> list[dict]:
+        """Every frame offered so far (taken from the backlog)."""
+        backlog = self.connection._backlog
+        frames = [json.loads(entry) for entry in backlog if isinstance(entry, str)]
+        backlog.clear()
+        return frames
+
+
+async def test_subscribe_after_leave_is_ignored():
+    """A Subscribe handled after the connection's Leave changes nothing: no subscriber, no presence, no reply."""
+    from actors.hub import Hub, Join, Leave, Registry, Subscribe
+    from app.connection import Reply
+    from app.protocol import Topic
+
+    registry = Registry()
+    hub = Hub(registry)
+    client = Recorder("carol")
+    await hub._handle_join(Join(client.connection))
+    await hub._handle_leave(Leave(client.connection))
+    reply = Reply(client.connection, "s1")
+    made = await hub._handle_subscribe(Subscribe(client.connection, Topic("room", "lobby"), reply))
+    assert made is False
+    assert not registry.connections and not registry.subscribers and not registry.present
+    assert client.frames() == []
+
+
+def test_registry_and_delivery_match_a_model():
+    """Interleaved join, leave, subscribe (with and without since), unsubscribe, lost deliveries and gap fills keep the registry equal to a model, presence never shows a user with no connection, and every connection gets each room's seqs gap-free."""
+    from hypothesis import settings as hypothesis_settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+    from actors.hub import (
+        Deliver,
+        Filled,
+        FillFailed,
+        Hub,
+        Join,
+        Leave,
+        Registry,
+        Subscribe,
+        Unsubscribe,
+    )  # fmt: skip
+    from app.connection import Reply
+    from app.models import Message
+    from app.protocol import Topic
+
+    rooms = ["r1", "r2"]
+    users = ["ann", "ben", "cid"]
+
+    class RegistryMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.loop = asyncio.new_event_loop()
+            self.hub = Hub(Registry())
+            self.clients = [Recorder(users[index % 3]) for index in range(4)]
+            self.joined: set[int] = set()
+            self.subs: dict[int, set[str]] = {index: set() for index in range(4)}
+            #: room -> every stored message, by seq.
+            self.stored: dict[str, list[Message]] = {room: [] for room in rooms}
+            #: (client, room topic) -> stored seqs received, in order, since subscribing.
+            self.received: dict[tuple[int, str], list[int]] = {}
+            #: (client, room topic) -> the seq delivery must continue after.
+            self.start: dict[tuple[int, str], int | None] = {}
+            #: room -> highest seq that reached the hub.
+            self.delivered: dict[str, int] = {room: 0 for room in rooms}
+
+        def run(self, coroutine):
+            return self.loop.run_until_complete(coroutine)
+
+        def teardown(self) -> None:
+            self.loop.close()
+
+        def collect(self) -> None:
+            for index, client in enumerate(self.clients):
+                for frame in client.frames():
+                    data = frame.get("data")
+                    if data is not None and data["seq"] is not None:
+                        self.received.setdefault((index, data["topic"]), []).append(data["seq"])
+
+        @rule(index=st.integers(0, 3))
+        def join(self, index):
+            self.run(self.hub._handle_join(Join(self.clients[index].connection)))
+            self.joined.add(index)
+
+        @rule(index=st.integers(0, 3))
+        def leave(self, index):
+            self.run(self.hub._handle_leave(Leave(self.clients[index].connection)))
+            self.joined.discard(index)
+            for room in self.subs[index]:
+                self._forget(index, f"room:{room}")
+            self.subs[index] = set()
+
+        def _forget(self, index, key):
+            self.received.pop((index, key), None)
+            self.start.pop((index, key), None)
+            self.clients[index].fills = [f for f in self.clients[index].fills if f[0] != key]
+
+        @rule(
+            index=st.integers(0, 3),
+            room=st.sampled_from(rooms),
+            since=st.none() | st.integers(0, 3),
+        )
+        def subscribe(self, index, room, since):
+            client = self.clients[index]
+            key = f"room:{room}"
+            already = room in self.subs[index]
+            self.collect()
+            made = self.run(self.hub._handle_subscribe(Subscribe(
+                client.connection, Topic("room", room), Reply(client.connection, "s"), since=since,
+            )))  # fmt: skip
+            assert made == (index in self.joined)
+            if not made:
+                return
+            self.subs[index].add(room)
+            if since is not None:
+                since = min(since, len(self.stored[room]))
+                client.connection.room_seqs[key] = since
+                self._forget(index, key)
+                self.start[(index, key)] = since
+                # The session reads what was missed and answers the hub.
+                page = tuple(self.stored[room][since:])
+                self.run(self.hub._handle_filled(Filled(client.connection, key, page)))
+            elif not already:
+                self._forget(index, key)
+                self.start[(index, key)] = self.hub.registry.heads.get(key)
+
+        @rule(index=st.integers(0, 3), room=st.sampled_from(rooms))
+        def unsubscribe(self, index, room):
+            self.collect()
+            done = self.run(self.hub._handle_unsubscribe(
+                Unsubscribe(self.clients[index].connection, Topic("room", room))
+            ))  # fmt: skip
+            assert done == (room in self.subs[index])
+            self.subs[index].discard(room)
+            self._forget(index, f"room:{room}")
+
+        @rule(room=st.sampled_from(rooms), lost=st.booleans())
+        def store_message(self, room, lost):
+            seq = len(self.stored[room]) + 1
+            message = Message(
+                id=f"{room}-{seq}", room=room, sender="ann", client_msg_id=f"{room}-{seq}",
+                content="x", created_at="2026-12-01T00:00:00.000Z", seq=seq,
+            )  # fmt: skip
+            self.stored[room].append(message)
+            if not lost:  # a lost one never reaches the hub: the outlet dropped it
+                self.run(self.hub._handle_deliver(Deliver(message)))
+                self.delivered[room] = seq
+
+        @rule(room=st.sampled_from(rooms), back=st.integers(1, 3))
+        def repeat_delivery(self, room, back):
+            if len(self.stored[room]) >= back:
+                self.run(self.hub._handle_deliver(Deliver(self.stored[room][-back])))
+
+        @rule(index=st.integers(0, 3), fail=st.booleans())
+        def answer_a_fill(self, index, fail):
+            client = self.clients[index]
+            if not client.fills:
+                return
+            key, after = client.fills.pop(0)
+            if fail:
+                self.run(self.hub._handle_fill_failed(FillFailed(client.connection, key)))
+                self.collect()
+                # After a resync the client starts over from what it was sent next.
+                self.received.pop((index, key), None)
+                self.start[(index, key)] = client.connection.room_seqs.get(key)
+                return
+            page = tuple(self.stored[key[5:]][after : after + 2])
+            complete = after + 2 >= len(self.stored[key[5:]])
+            self.run(self.hub._handle_filled(Filled(client.connection, key, page, complete)))
+
+        @invariant()
+        def registry_matches_the_model(self):
+            registry = self.hub.registry
+            assert registry.connections == {self.clients[i].connection for i in self.joined}
+            for room in rooms:
+                key = f"room:{room}"
+                expected = {self.clients[i].connection for i in self.joined if room in self.subs[i]}
+                assert registry.subscribers.get(key, set()) == expected
+                assert registry.subscribers.get(key) != set()  # no empty sets left behind
+                online = {
+                    self.clients[i].connection.username for i in self.joined if room in self.subs[i]
+                }
+                assert set(registry.present.get(key, {})) == online
+
+        @invariant()
+        def delivery_is_gap_free(self):
+            self.collect()
+            for (index, key), seqs in self.received.items():
+                start = self.start.get((index, key))
+                if seqs:
+                    first = seqs[0] if start is None else start + 1
+                    assert seqs == list(range(first, first + len(seqs))), (index, key, start, seqs)
+            for index in self.joined:
+                connection = self.clients[index].connection
+                for room in self.subs[index]:
+                    key = f"room:{room}"
+                    if key in connection.held:
+                        continue  # a fill is under way; the client has asked for the rest
+                    seqs = self.received.get((index, key))
+                    reached = seqs[-1] if seqs else self.start.get((index, key))
+                    if reached is not None:
+                        # Nothing delivered to the hub is missing once no fill is pending.
+                        assert reached >= self.delivered[room], (index, key, reached)
+
+    RegistryMachine.TestCase.settings = hypothesis_settings(
+        max_examples=150, stateful_step_count=40, deadline=None
+    )
+    RegistryMachine.TestCase().runTest()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import io
 import json
 import re
@@ -19,6 +21,7 @@ from loguru import logger
 
 from app.log import (
     get_logger,
+    install_loop_exception_handler,
     new_trace_id,
     redact,
     redact_dsn,
@@ -359,3 +362,44 @@ def test_property_9_secrets_never_reach_any_sink(
         ):
             assert marker in text
             assert secret not in text
+
+
+async def test_loop_handler_logs_a_dropped_failed_task(logs: Captured, capfd) -> None:
+    """A task that fails unobserved gives one redacted JSON ERROR line and nothing on stderr."""
+    install_loop_exception_handler()
+    dsn = "postgresql://hearth:Zqhunter2@db.internal/hearth"
+
+    async def doomed() -> None:
+        raise ConnectionError(f"cannot reach {dsn}")
+
+    task = asyncio.create_task(doomed(), name="doomed-task")
+    await asyncio.wait([task])
+    del task
+    gc.collect()
+
+    (record,) = logs.file_records("errors.log")
+    assert record["level"] == "error"
+    assert record["msg"] == "Task exception was never retrieved"
+    assert (record["task"], record["error_type"]) == ("doomed-task", "ConnectionError")
+    assert record["coroutine"].endswith("doomed")
+    assert 'raise ConnectionError(f"cannot reach {dsn}")' in record["stack"]
+    assert "Zqhunter2" not in logs.console_text() + logs.file_text("errors.log")
+    assert capfd.readouterr().err == ""
+
+
+async def test_loop_handler_logs_context_objects_by_type_only(logs: Captured, capfd) -> None:
+    """A driver's call_exception_handler context shows its objects' type names, not reprs."""
+
+    class Connection:
+        def __repr__(self) -> str:
+            return "<Connection dsn=host=db password=Zqhunter2>"
+
+    loop = asyncio.get_running_loop()
+    install_loop_exception_handler(loop)
+    loop.call_exception_handler({"message": "connection lost", "connection": Connection()})
+
+    (record,) = logs.console_records()
+    assert (record["level"], record["msg"]) == ("error", "connection lost")
+    assert record["connection"] == Connection.__qualname__
+    assert "Zqhunter2" not in logs.console_text()
+    assert capfd.readouterr().err == ""

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import keys
+from tests.conftest import wait_until
 
 
 @pytest.fixture
@@ -337,3 +338,155 @@ async def test_trace_id_flows_from_frame_through_hub_into_store_logs(make_hearth
         if r["component"] == "store" and r["msg"] == "slow query" and r.get("table") == "messages"
     ]  # fmt: skip
     assert store_lines and all(r.get("trace_id") == "trace-abc" for r in store_lines)
+
+
+def ctrls_by_id(client) -> dict[str, list[dict]]:
+    """Every buffered ctrl body, grouped by request id."""
+    grouped: dict[str, list[dict]] = {}
+    for ctrl in client.take("ctrl"):
+        grouped.setdefault(ctrl["id"], []).append(ctrl)
+    return grouped
+
+
+async def test_frame_of_exactly_the_maximum_size_is_served(hearth):
+    """A frame of exactly HEARTH_WS_MAX_MSG_SIZE bytes is served; one byte more closes with 1009."""
+    client = await hearth.connect("alice")
+    limit = hearth.app[keys.SETTINGS].ws_max_msg_size
+    skeleton = json.dumps({"op": "ping", "id": "exact", "pad": ""})
+    exact = json.dumps({"op": "ping", "id": "exact", "pad": "y" * (limit - len(skeleton))})
+    assert len(exact.encode()) == limit
+    await client.ws.send_str(exact)
+    assert (await client.receive())["ctrl"]["code"] == 200
+    await client.ws.send_str(exact[:-2] + 'y"}')
+    message = await client.ws.receive(timeout=5)
+    assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1009
+
+
+async def test_hung_postgres_gets_typed_answers_never_500_and_one_ctrl_each(
+    make_hearth, own_postgres, capfd
+):
+    """With PostgreSQL SIGSTOPped past every timeout, every op gets exactly one typed ctrl in time, none 500, and nothing reaches stderr."""
+    from tests.conftest import hung
+
+    dsn = own_postgres.create_database("hung_ops")
+    hearth = await make_hearth(dsn, HEARTH_DB_TIMEOUT="1")
+    client = await hearth.connect("alice")
+    writer = await hearth.connect("bob")
+    await writer.request("pub", topic="room:lobby", content="before", client_msg_id="b0")
+    answers = {}
+    with hung(own_postgres):
+        for op, fields in [
+            ("pub", {"topic": "room:lobby", "content": "during", "client_msg_id": "d1"}),
+            ("sub", {"topic": "room:lobby"}),
+            ("presence", {"topic": "room:lobby"}),
+            ("sub", {"topic": "room:lobby", "since": 0}),
+            ("history", {"topic": "room:lobby", "limit": 5}),
+            ("unsub", {"topic": "room:lobby"}),
+        ]:
+            started = asyncio.get_running_loop().time()
+            ctrl = await client.request(op, timeout=10, **fields)
+            answers[(op, "since" in fields)] = ctrl
+            assert asyncio.get_running_loop().time() - started < 1 + 1 + 0.3, (op, ctrl)
+        await asyncio.sleep(2.5)  # longer than every timeout: late answers would show now
+    await client.settle(1.0)
+    assert answers[("pub", False)]["code"] == 202
+    assert answers[("sub", False)]["code"] == 200
+    assert answers[("presence", False)]["params"]["users"] == ["alice"]
+    for key in (("sub", True), ("history", False)):
+        ctrl = answers[key]
+        assert ctrl["code"] in (503, 504), ctrl
+        assert ctrl["params"]["error"] in ("DATABASE_ERROR", "DATABASE_TIMEOUT"), ctrl
+        assert ctrl["params"]["retry_after"] > 0
+    assert ctrls_by_id(client) == {}, "a request got a second ctrl"
+    assert not client.take("event", lambda e: e["type"] == "resync")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Task exception" not in err
+
+
+async def test_stopped_postgres_sub_since_and_history_get_one_503(make_hearth, own_postgres):
+    """With PostgreSQL stopped, sub since and history each get one 503 DATABASE_ERROR and nothing else."""
+    dsn = own_postgres.create_database("stopped_ops")
+    hearth = await make_hearth(dsn)
+    client = await hearth.connect("alice")
+    await asyncio.to_thread(own_postgres.stop, "fast")
+    for op, fields in [("sub", {"since": 0}), ("history", {})]:
+        ctrl = await client.request(op, topic="room:lobby", **fields)
+        assert (ctrl["code"], ctrl["params"]["error"]) == (503, "DATABASE_ERROR"), ctrl
+        assert ctrl["params"]["retry_after"] > 0
+    await client.settle(1.0)
+    assert ctrls_by_id(client) == {}
+    assert not client.take("event", lambda e: e["type"] == "resync")
+    assert hearth.app[keys.REGISTRY].subscribers.get("room:lobby") is None
+    await asyncio.to_thread(own_postgres.start)
+
+
+async def test_rooms_made_at_runtime_work_at_once_and_through_an_outage(make_hearth, own_postgres):
+    """A room created (or a member added) over the API is usable at once, and the first publish to it during an outage is spooled, not refused."""
+    dsn = own_postgres.create_database("cold_rooms")
+    hearth = await make_hearth(dsn)
+    admin = {"Authorization": f"Bearer {hearth.tokens['root']}"}
+    for body in ({"name": "fresh"}, {"name": "vault", "private": True}):
+        async with hearth.session.post(f"{hearth.url}api/v1/rooms", json=body, headers=admin) as r:
+            assert r.status == 201
+    alice = await hearth.connect("alice")
+    ctrl = await alice.request("sub", topic="room:vault")
+    assert ctrl["code"] == 403
+    url = f"{hearth.url}api/v1/rooms/vault/members"
+    async with hearth.session.post(url, json={"username": "alice"}, headers=admin) as response:
+        assert response.status == 200
+    assert (await alice.request("sub", topic="room:vault"))["code"] == 200
+    ctrl = await alice.request("pub", topic="room:fresh", content="hot", client_msg_id="f0")
+    assert ctrl["code"] == 200
+    await asyncio.to_thread(own_postgres.stop, "fast")
+    for room in ("fresh", "vault"):
+        ctrl = await alice.request(
+            "pub", topic=f"room:{room}", content="cold", client_msg_id=f"{room}1"
+        )
+        assert ctrl["code"] == 202, ctrl
+    await asyncio.to_thread(own_postgres.start)
+    await wait_until(lambda: hearth.app[keys.SPOOL].depth == 0, 20, "the spool to drain")
+
+
+async def test_private_room_presence_is_for_members_only(make_hearth, own_postgres):
+    """presence on a private room is 403 for a non-member, during an outage too; members see who is there."""
+    dsn = own_postgres.create_database("presence_private")
+    hearth = await make_hearth(dsn)
+    alice, bob = await hearth.connect("alice"), await hearth.connect("bob")
+    assert (await bob.request("sub", topic="room:secret"))["code"] == 200
+    ctrl = await alice.request("presence", topic="room:secret")
+    assert (ctrl["code"], ctrl["params"]["error"]) == (403, "ROOM_ACCESS_DENIED")
+    assert (await bob.request("presence", topic="room:secret"))["params"]["users"] == ["bob"]
+    await asyncio.to_thread(own_postgres.stop, "fast")
+    ctrl = await alice.request("presence", topic="room:secret")
+    assert ctrl["code"] == 403, ctrl
+    await asyncio.to_thread(own_postgres.start)
+
+
+async def test_sub_to_an_unknown_status_feed_is_404(hearth):
+    """sub to a status topic no feed serves is 404; the built-in system_status is 200."""
+    client = await hearth.connect("alice")
+    ctrl = await client.request("sub", topic="status:no_such_feed")
+    assert (ctrl["code"], ctrl["params"]["error"]) == (404, "NOT_FOUND")
+    assert (await client.request("sub", topic="status:system_status"))["code"] == 200
+
+
+async def test_clients_that_subscribe_and_vanish_leave_nothing_behind(hearth):
+    """Twenty clients that subscribe and drop at once, with the rooms table locked elsewhere, leave no connection, subscriber or presence behind."""
+    import aiopg
+
+    async with aiopg.connect(hearth.database) as locker, locker.cursor() as cursor:
+        await cursor.execute("BEGIN")
+        await cursor.execute("LOCK TABLE rooms IN ACCESS EXCLUSIVE MODE")
+        clients = [await hearth.connect("carol") for _ in range(20)]
+        for client in clients:
+            await client.send(op="sub", topic="room:lobby")
+        for client in clients:
+            client.ws._response.connection.transport.abort()
+        registry = hearth.app[keys.REGISTRY]
+        await wait_until(lambda: not registry.connections, 10, "every connection to leave")
+        await cursor.execute("ROLLBACK")
+    assert registry.subscribers.get("room:lobby") is None
+    assert "carol" not in registry.present.get("room:lobby", {})
+    watcher = await hearth.connect("alice")
+    await watcher.request("sub", topic="room:lobby")
+    assert (await watcher.request("presence", topic="room:lobby"))["params"]["users"] == ["alice"]

@@ -1,0 +1,84 @@
+"""The HTTP API's JSON endpoints against a real app: bad bodies are 400s, never 500s."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from app.api import MAX_BODY_BYTES
+from app.log import setup_logging
+from tests.conftest import Hearth
+
+#: A body every JSON endpoint accepts; each reads its own fields and ignores the others.
+ACCEPTED = {"username": "alice", "password": Hearth.PASSWORD, "name": "ops"}
+#: Bodies no JSON endpoint may choke on, by what is wrong with them.
+BAD_BODIES: dict[str, bytes] = {
+    "empty": b"",
+    "not UTF-8": b'{"name": "\xff\xfe"}',
+    "UTF-16": json.dumps(ACCEPTED).encode("utf-16"),
+    "malformed": b'{"name": ',
+    "not an object": b'["name"]',
+    "NaN": b'{"name": NaN}',
+    "deeply nested list": b"[" * 50_000,
+    "deeply nested value": b'{"name": ' + b'{"a": ' * 10_000,
+    "5,000-digit number": b'{"name": ' + b"9" * 5_000 + b"}",
+    "over the size limit": json.dumps({**ACCEPTED, "padding": "x" * MAX_BODY_BYTES}).encode(),
+}
+#: Each JSON endpoint's path, and the user whose bearer token it gets.
+ENDPOINTS = {
+    "login": ("/api/v1/auth/login", None),
+    "create room": ("/api/v1/rooms", "root"),
+    "add member": ("/api/v1/rooms/secret/members", "root"),
+}
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """Every JSON log line of the test, from DEBUG up."""
+    stream = io.StringIO()
+    setup_logging(level="DEBUG", stream=stream)
+    try:
+        yield stream
+    finally:
+        # Back to what the session's json_logging fixture set up.
+        setup_logging(level="INFO")
+
+
+def _records(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+async def _chunks(body: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), 4096):
+        yield body[start : start + 4096]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+async def test_bad_bodies_are_400_in_the_error_model(make_hearth, log_lines, endpoint):
+    """Each bad body, chunked or not, gets 400 INVALID_MESSAGE and no ERROR log line."""
+    path, user = ENDPOINTS[endpoint]
+    hearth = await make_hearth()
+    headers = {"Authorization": f"Bearer {hearth.tokens[user]}"} if user else {}
+    url = hearth.server.make_url(path)
+    answers = {}
+    for what, body in BAD_BODIES.items():
+        for chunked in (False, True):
+            data = _chunks(body) if chunked else body
+            async with hearth.session.post(url, data=data, headers=headers) as response:
+                reply = await response.json(content_type=None)
+                error = reply.get("ctrl", {}).get("params", {}).get("error")
+                answers[what, chunked] = (response.status, error)
+    async with hearth.session.post(url, json=ACCEPTED, headers=headers) as response:
+        good_status = response.status
+
+    assert answers == {key: (400, "INVALID_MESSAGE") for key in answers}
+    assert good_status in (200, 201)
+    records = _records(log_lines)
+    rejections = [r for r in records if r.get("error_code") == "INVALID_MESSAGE"]
+    assert len(rejections) == 2 * len(BAD_BODIES)
+    assert {r["level"] for r in rejections} == {"info"}
+    assert [r for r in records if r["level"] in ("error", "fatal") or "stack" in r] == []
