@@ -302,11 +302,16 @@ class Actor:
             await self.on_start()
             if self.ready_after_start:
                 self.mark_ready()
+            task = asyncio.current_task()
             while not self._finishing:
                 item = await self._next()
                 await self._dispatch(item)
                 self.processed += 1
                 self.last_progress = self.clock()
+                if task is not None and task.cancelling():
+                    # Python 3.11's wait_for (inside aiopg) can swallow a cancel that lands
+                    # with its result; the request to stop still stands.
+                    raise asyncio.CancelledError()
         finally:
             self.ready.clear()
             self.started_at = None

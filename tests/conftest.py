@@ -326,12 +326,13 @@ class StalledReader:
 
 
 class PgProxy:
-    """A real TCP proxy in front of PostgreSQL that can hold back the reply to a COMMIT.
+    """A real TCP proxy in front of PostgreSQL that can slow chosen statements down.
 
-    It makes the one fault a live server cannot be asked for: a COMMIT that succeeds on the
-    server while its answer arrives after the client gave up. Arm it with
-    :meth:`delay_next_commit`; the server's bytes on that connection are then held for the
-    given seconds after the COMMIT is seen (psycopg2 sends simple ``Q`` messages).
+    It makes faults a live server cannot be asked for. :meth:`delay_next_commit`: a COMMIT
+    that succeeds on the server while its answer arrives after the client gave up (the
+    server's bytes on that connection are held after the COMMIT is seen; psycopg2 sends
+    simple ``Q`` messages). :attr:`listen_delay`: a slow network as the room listener sees
+    it, every LISTEN held back before it reaches the server.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -341,6 +342,10 @@ class PgProxy:
         self._commit_delay: float | None = None
         #: COMMITs whose answer was held back.
         self.delayed_commits = 0
+        #: Seconds each LISTEN is held before it goes on to the server; 0 holds nothing.
+        self.listen_delay = 0.0
+        #: LISTEN statements held so far.
+        self.delayed_listens = 0
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -383,6 +388,9 @@ class PgProxy:
                     hold_until[0] = asyncio.get_running_loop().time() + self._commit_delay
                     self._commit_delay = None
                     self.delayed_commits += 1
+                if self.listen_delay and b"LISTEN" in data:
+                    self.delayed_listens += 1
+                    await asyncio.sleep(self.listen_delay)
                 server_writer.write(data)
                 await server_writer.drain()
             server_writer.close()

@@ -518,3 +518,31 @@ async def test_handlers_run_under_the_senders_trace_id():
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert tracer.seen == ["t-call", "t-cast", None, None]
+
+
+class Swallower(Actor):
+    """A handler that eats the cancel aimed at it, as Python 3.11's wait_for can when the
+    awaited result lands in the same loop step (aiopg's poll does exactly that)."""
+
+    def __init__(self) -> None:
+        super().__init__("swallower")
+        self.entered = asyncio.Event()
+
+    async def _handle_hang(self, message: Hang) -> None:
+        self.entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass
+
+
+async def test_a_stop_swallowed_inside_a_handler_still_stops_the_actor(running) -> None:
+    """A cancel that a handler swallowed still ends the incarnation once that message is done."""
+    actor = Swallower()
+    task = await running(actor)
+    actor.cast(Hang())
+    await actor.entered.wait()
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=2)
+    assert done and task.cancelled()
+    assert actor.state is ActorState.STOPPED

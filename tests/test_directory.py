@@ -19,7 +19,7 @@ from app.errors import AppError, DatabaseError, NotFound, RoomAccessDenied
 from app.models import Message, RoomRecord
 from app.store import Store
 from app.web import create_app
-from tests.conftest import Hearth, wait_until
+from tests.conftest import Hearth, PgProxy, wait_until
 
 #: Publish limits out of the way for tests that publish in bulk.
 UNLIMITED = {
@@ -407,92 +407,23 @@ async def test_a_change_nobody_heard_arrives_by_the_full_load_on_reconnect(make_
     await listener_active(hearth)
 
 
-class ListenHoldingProxy:
-    """A TCP proxy in front of PostgreSQL that, once armed, holds every LISTEN back for *hold* seconds.
-
-    It plays a slow network as the room listener sees it: its connect and LISTEN take round
-    trips that a query on a warm pooled connection does not.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        #: Seconds a LISTEN is held before it goes on to the server; 0 holds nothing.
-        self.hold = 0.0
-        #: LISTEN statements held so far.
-        self.held = 0
-        self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task] = set()
-
-    async def start(self) -> None:
-        """Listen on a free loopback port."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def dsn(self, dsn: str) -> str:
-        """*dsn* (a postgresql:// URL) pointed at this proxy instead."""
-        return dsn.replace(f":{self.target_port}/", f":{self.port}/")
-
-    async def close(self) -> None:
-        """Stop listening and cut every proxied connection."""
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, client_reader, client_writer) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            server_reader, server_writer = await asyncio.open_connection(
-                "127.0.0.1", self.target_port
-            )
-        except OSError:
-            client_writer.close()
-            self._tasks.discard(task)
-            return
-
-        async def pipe(reader, writer, from_client: bool) -> None:
-            while data := await reader.read(65536):
-                if from_client and self.hold and b"LISTEN" in data:
-                    self.held += 1
-                    await asyncio.sleep(self.hold)
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-
-        try:
-            await asyncio.gather(
-                pipe(client_reader, server_writer, True), pipe(server_reader, client_writer, False)
-            )
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            server_writer.close()
-            client_writer.close()
-            self._tasks.discard(task)
-
-
 async def test_a_change_between_the_full_load_and_the_listen_is_not_lost(
     make_hearth, postgres, database
 ):
-    """A room created after the reconnect's full load but before its LISTEN is active still reaches the directory."""
-    proxy = ListenHoldingProxy(postgres.port)
+    """With the LISTEN slow to arrive, a room created right after the reconnect's full load still reaches the directory by NOTIFY."""
+    proxy = PgProxy(postgres.port)
     await proxy.start()
     try:
         hearth = await make_hearth(proxy.dsn(database))
         directory = hearth.app[keys.DIRECTORY]
         await listener_active(hearth, database)
         full_loads = directory.full_loads
-        proxy.hold = 1.0
+        proxy.listen_delay = 1.0
         await cut_listener(database)
         await wait_until(lambda: directory.full_loads == full_loads + 1, 5, "the full reload")
+        await wait_until(lambda: proxy.delayed_listens == 1, 5, "the LISTEN to be on its slow way")
         await sql(database, "INSERT INTO rooms (name) VALUES ('between')")
-        await wait_until(lambda: proxy.held == 1 and listening(hearth), 5, "the held LISTEN")
-        await asyncio.sleep(proxy.hold + 0.5)
-        assert directory.get("between") is not None, "the change fell between load and LISTEN"
+        await wait_until(lambda: directory.get("between") is not None, 1, "the room's NOTIFY")
         await hearth.close()
     finally:
         await proxy.close()
