@@ -111,6 +111,8 @@ class DbMonitor(Actor):
         # Transitions waiting to be written to connection_events once the database is back.
         self._pending_events: deque[tuple[str, str, str, int | None, str]] = deque(maxlen=100)
         self._listener: asyncio.Task[None] | None = None
+        # Set once the listener's LISTEN is active (or it failed trying).
+        self._listening = asyncio.Event()
         self._check_queued = False
 
     async def on_start(self) -> None:
@@ -144,7 +146,9 @@ class DbMonitor(Actor):
             "pool": self.store.pool_stats(),
             "dsn": redact_dsn(self.store.dsn),
             "directory": self.directory.status(),
-            "listening": self._listener is not None and not self._listener.done(),
+            "listening": self._listening.is_set()
+            and self._listener is not None
+            and not self._listener.done(),
         }
 
     async def _handle_ping(self, message: Ping) -> None:
@@ -173,7 +177,7 @@ class DbMonitor(Actor):
         if self._listener is None or self._listener.done():
             # Notifications sent while nobody listened are lost: load everything again,
             # once LISTEN is active, so a change in between is in the load or notified.
-            listening = asyncio.Event()
+            self._listening = listening = asyncio.Event()
             self._listener = self.spawn(self._listen(listening), name="listen-rooms")
             try:
                 async with asyncio.timeout(self.store.timeout):
