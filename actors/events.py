@@ -152,7 +152,7 @@ class EventSubscriber(Actor):
     """Polls every status feed on its own interval and hands the values to the hub.
 
     *hub* delivers the events and counts the connections the system feed reports; *sources*
-    are the feeds (see :func:`app.sources.load_sources`). Each upstream has a
+    are the feeds (see :meth:`app.config.Settings.sources`). Each upstream has a
     :class:`~app.resilience.CircuitBreaker` that opens for *open_seconds* after three
     consecutive failures; while it is open only a health probe every *probe_seconds* reaches
     the upstream. *cache* holds the breakers and last good values across restarts;
