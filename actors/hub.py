@@ -208,9 +208,8 @@ class Hub(Actor):
             return False
         key = str(topic)
         if not topic.is_room:
-            message.reply.claim()
+            message.reply.answer(200, "ok")  # first: the ctrl precedes the topic's frames
             self._add_subscription(connection, key)
-            message.reply.send(200, "ok")
             latest = self.registry.latest_status.get(key)
             if latest is not None:
                 connection.offer_latest(key, latest)
@@ -220,9 +219,8 @@ class Hub(Actor):
         if message.since is None:
             if key not in connection.topics:
                 connection.room_seqs[key] = head
-            message.reply.claim()
+            message.reply.answer(200, "ok", {"seq": head})
             self._add_subscription(connection, key)
-            message.reply.send(200, "ok", {"seq": head})
         else:
             connection.room_seqs[key] = message.since
             connection.held.setdefault(key, [])  # a gap fill under way keeps what it holds

@@ -56,6 +56,13 @@ class Reply:
         self.claimed = True
         return True
 
+    def answer(self, code: int, text: str, params: dict[str, Any] | None = None) -> bool:
+        """Claim and send in one step; False (nothing sent) when someone answered already."""
+        if not self.claim():
+            return False
+        self.send(code, text, params)
+        return True
+
     def send(self, code: int, text: str, params: dict[str, Any] | None = None) -> None:
         """Queue the ctrl reply; only its claimer calls this."""
         self.connection.offer(encode(ctrl_frame(self.request_id, code, text, params)))

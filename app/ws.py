@@ -6,7 +6,6 @@ import asyncio
 import functools
 import socket
 import time
-from typing import Any
 
 from aiohttp import WSMsgType, web
 from yarl import URL
@@ -116,12 +115,6 @@ class Session:
         self.closing = False
         connection.on_gap = self.repair_gap
 
-    def reply(
-        self, request_id: str | None, code: int, text: str, params: dict[str, Any] | None = None
-    ) -> None:
-        """Queue the one ctrl frame that answers *request_id*."""
-        Reply(self.connection, request_id).send(code, text, params)
-
     def reply_error(self, exc: BaseException, request_id: str | None) -> None:
         """Answer *request_id* with *exc* rendered safely, logging it at its level."""
         self._log_error(exc)
@@ -194,13 +187,11 @@ class Session:
         )
         self.authenticated.set()
         log.bind(client_id=connection.id, user_id=user.id).info("client authenticated")
-        if reply.claim():
-            reply.send(200, "ok", {"user": {"id": user.id, "username": user.username}})
+        reply.answer(200, "ok", {"user": {"id": user.id, "username": user.username}})
 
     async def op_ping(self, request: Request, reply: Reply) -> None:
         """``ping``: answer pong."""
-        if reply.claim():
-            reply.send(200, "pong")
+        reply.answer(200, "pong")
 
     async def op_sub(self, request: Request, reply: Reply) -> None:
         """``sub {topic, since?}``: subscribe, answer the latest seq, then send what was missed."""
@@ -230,8 +221,7 @@ class Session:
             self._cast_or_close(Unsubscribe(self.connection, topic))
             raise
         last = page[-1].seq if page and page[-1].seq else since
-        if reply.claim():
-            reply.send(200, "ok", {"seq": max(last, head or 0)})
+        reply.answer(200, "ok", {"seq": max(last, head or 0)})
         self._cast_or_close(
             Filled(self.connection, key, tuple(page), complete=len(page) < FILL_PAGE)
         )
@@ -240,8 +230,7 @@ class Session:
         """``unsub {topic}``: end a subscription; 404 when there was none."""
         if not await self.hub.call(Unsubscribe(self.connection, request.topic())):
             raise NotFound(text="not subscribed")
-        if reply.claim():
-            reply.send(200, "ok")
+        reply.answer(200, "ok")
 
     async def op_pub(self, request: Request, reply: Reply) -> None:
         """``pub {topic, content, client_msg_id}``: 200 {id, seq} stored, 202 {id, queued} spooled."""
@@ -264,11 +253,10 @@ class Session:
         # The writer answers by the database deadline; the margin covers its mailbox.
         deadline = time.monotonic() + self.store.timeout
         result = await writer.call(Publish(message, deadline), timeout=self.deadline)
-        if reply.claim():
-            if result.queued:
-                reply.send(202, "accepted", result.reply)
-            else:
-                reply.send(200, "ok", result.reply)
+        if result.queued:
+            reply.answer(202, "accepted", result.reply)
+        else:
+            reply.answer(200, "ok", result.reply)
 
     def _take_publish_tokens(self) -> None:
         wait = self.publish_bucket.take()
@@ -306,8 +294,7 @@ class Session:
             raise ValidationError(text="presence is kept for rooms only")
         self.directory.check_access(self.member(), topic.name)
         users = await self.hub.call(PresenceQuery(topic))
-        if reply.claim():
-            reply.send(200, "ok", {"users": users})
+        reply.answer(200, "ok", {"users": users})
 
     # -- gap repair --------------------------------------------------------------------------
 
