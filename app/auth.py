@@ -11,13 +11,15 @@ import os
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from app.errors import (
     AuthFailed,
+    DatabaseError,
     RateLimited,
     ValidationError,
 )
@@ -30,7 +32,6 @@ if TYPE_CHECKING:
 
 log = get_logger("auth")
 
-T = TypeVar("T")
 
 #: scrypt cost parameters: n=2**14, r=8 take about 16 MiB and 50 ms per hash.
 SCRYPT_N = 2**14
@@ -44,6 +45,8 @@ HASH_BYTES = 32
 SCRYPT_MAXMEM = 64 * 1024 * 1024
 #: Shortest password the CLI accepts for a new user.
 MIN_PASSWORD_LENGTH = 8
+#: Tokens whose last good check is kept for logins during a database outage.
+KNOWN_TOKENS = 100_000
 #: Usernames: short, URL-safe, and the same rule as the users table CHECK (use fullmatch).
 USERNAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -150,6 +153,9 @@ class Authenticator:
         self.ip_throttle = ip_throttle
         self.user_throttle = user_throttle
         self.clock = clock
+        # token hash -> (user, expiry in epoch seconds) as PostgreSQL last confirmed it; only
+        # read while PostgreSQL is unreachable. Hashes, like the table: never the tokens.
+        self._known_tokens: OrderedDict[bytes, tuple[User, float]] = OrderedDict()
 
     @classmethod
     def from_settings(cls, store: Store | Callable[[], Store], settings: Settings) -> Authenticator:
@@ -216,17 +222,41 @@ class Authenticator:
         return token, iso_utc(expires_at)
 
     async def authenticate(self, token: str) -> User:
-        """The user *token* belongs to; raises `AuthFailed` if it is unknown, expired or revoked."""
+        """The user *token* belongs to; raises `AuthFailed` if it is unknown, expired or revoked.
+
+        While PostgreSQL is unreachable, a token it confirmed before (on this instance) is
+        accepted until it expires; a revocation made elsewhere meanwhile is seen once the
+        database answers again. Any other token then raises `DatabaseError`.
+        """
         # Tokens are URL-safe ASCII; anything else cannot be one of ours.
         if not isinstance(token, str) or not token or not token.isascii():
             raise AuthFailed("malformed token")
-        row = await self.store.user_for_token(token_hash(token), now=self._now())
+        digest = token_hash(token)
+        try:
+            row = await self.store.user_for_token(digest, now=self._now())
+        except DatabaseError:
+            # A client reconnecting during an outage (its network blinked too) is let in
+            # on the last answer PostgreSQL gave for its token, until that token expires.
+            known = self._known_tokens.get(digest)
+            if known is None or known[1] <= self.clock():
+                raise
+            log.bind(user_id=known[0].id).warning(
+                "database unreachable; token accepted from its last check"
+            )
+            return known[0]
         if row is None:
+            self._known_tokens.pop(digest, None)
             raise AuthFailed("unknown, expired or revoked token")
-        user_id, username, is_admin = row
-        return User(id=user_id, username=username, is_admin=is_admin)
+        user_id, username, is_admin, expires_at = row
+        user = User(id=user_id, username=username, is_admin=is_admin)
+        self._known_tokens[digest] = (user, expires_at.timestamp())
+        self._known_tokens.move_to_end(digest)
+        if len(self._known_tokens) > KNOWN_TOKENS:
+            self._known_tokens.popitem(last=False)
+        return user
 
     async def logout(self, token: str) -> None:
         """Revoke *token*; revoking it again changes nothing."""
+        self._known_tokens.pop(token_hash(token), None)
         revoked = await self.store.revoke_token(token_hash(token))
         log.bind(revoked=revoked).info("logout")

@@ -923,23 +923,23 @@ class Store:
 
     async def user_for_token(
         self, token_hash: bytes, *, now: datetime | None = None
-    ) -> tuple[str, str, bool] | None:
-        """``(id, username, is_admin)`` owning the token with *token_hash*, or None.
+    ) -> tuple[str, str, bool, datetime] | None:
+        """``(id, username, is_admin, expires_at)`` owning the token with *token_hash*, or None.
 
         Only tokens neither revoked nor expired at *now* (default: the database's clock)
         count.
         """
 
-        async def select(cursor: Cursor) -> tuple[str, str, bool] | None:
+        async def select(cursor: Cursor) -> tuple[str, str, bool, datetime] | None:
             await cursor.execute(
                 "select", "auth_tokens",
-                "SELECT u.id, u.username, u.is_admin FROM auth_tokens t"
+                "SELECT u.id, u.username, u.is_admin, t.expires_at FROM auth_tokens t"
                 " JOIN users u ON u.id = t.user_id WHERE t.token_hash = %s"
                 " AND t.revoked_at IS NULL AND t.expires_at > COALESCE(%s, now())",
                 (token_hash, now),
             )  # fmt: skip
             row = await cursor.fetchone()
-            return None if row is None else (str(row[0]), row[1], row[2])
+            return None if row is None else (str(row[0]), row[1], row[2], row[3])
 
         return await self.run(select, name="user_for_token")
 

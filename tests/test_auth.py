@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -26,7 +27,7 @@ from app.auth import (
     verify_password,
 )
 from app.config import Settings
-from app.errors import AuthFailed, Conflict, DatabaseRejected, ValidationError
+from app.errors import AuthFailed, Conflict, DatabaseError, DatabaseRejected, ValidationError
 from app.log import setup_logging
 from app.ratelimit import KeyedBuckets
 from app.store import Store
@@ -337,3 +338,41 @@ async def test_logs_never_hold_password_token_or_hashes(database, password_hash)
     assert any(line["msg"] == "slow query" and line["table"] == "auth_tokens" for line in lines)
     for secret in (PASSWORD, token, password_hash.split("$")[-1], token_hash(token).hex()):
         assert secret not in captured
+
+
+async def test_a_checked_token_reconnects_during_an_outage_and_others_do_not(
+    make_hearth, own_postgres
+):
+    """During a PostgreSQL outage a token checked before it still authenticates (and publishes, 202); an unchecked token gets 503, and a logged-out one is not served from memory."""
+    dsn = own_postgres.create_database("auth_outage")
+    hearth = await make_hearth(dsn)
+    alice = await hearth.connect("alice")  # checks alice's token with PostgreSQL
+    await alice.ws.close()
+    root_token = hearth.tokens["root"]
+    await hearth.connect("root")
+    async with hearth.session.post(
+        f"{hearth.url}api/v1/auth/logout", headers={"Authorization": f"Bearer {root_token}"}
+    ) as response:
+        assert response.status == 200
+    await asyncio.to_thread(own_postgres.stop, "fast")
+    again = await hearth.connect("alice")  # a reconnect after a network blink
+    ctrl = await again.request("pub", topic="room:lobby", content="still here", client_msg_id="o1")
+    assert ctrl["code"] == 202, ctrl
+    for user in ("bob", "root"):  # bob's token was never checked here; root's was revoked
+        client = await hearth.connect(None)
+        ctrl = await client.request("auth", token=hearth.tokens[user])
+        assert (ctrl["code"], ctrl["params"]["error"]) == (503, "DATABASE_ERROR"), (user, ctrl)
+    await asyncio.to_thread(own_postgres.start)
+
+
+async def test_a_remembered_token_is_refused_once_expired(store, users):
+    """A token remembered from its last check is not accepted during an outage after it expired."""
+    clock = FakeClock()
+    auth = authenticator(store, clock=clock, ttl=60)
+    token, _ = await auth.login("alice", PASSWORD, client_ip="192.0.2.1")
+    await auth.authenticate(token)
+    await store.close()  # every query now fails as an unreachable database does
+    assert (await auth.authenticate(token)).id == users["alice"]
+    clock.advance(61)
+    with pytest.raises(DatabaseError):
+        await auth.authenticate(token)

@@ -341,8 +341,8 @@ async def test_restart_during_an_outage_knows_the_rooms_from_the_snapshot(
 
 
 @pytest.mark.xfail(
-    reason="authentication always queries PostgreSQL (Authenticator.authenticate), so after a"
-    " restart during an outage no client gets far enough to use the snapshot",
+    reason="tokens confirmed by PostgreSQL are remembered in memory only (Authenticator), so"
+    " after a restart during an outage no client gets far enough to use the snapshot",
     raises=AssertionError,
     strict=True,
 )
