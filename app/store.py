@@ -326,6 +326,10 @@ class Store:
         self._pooled: weakref.WeakSet[aiopg.Connection] = weakref.WeakSet()
         # Cancel requests for abandoned statements, and pool wake-ups; close() ends them.
         self._tasks: set[asyncio.Future[Any]] = set()
+        # A fair (FIFO) queue in front of the pool: aiopg's own wait lets a caller that just
+        # released barge ahead of one woken for it, starving waiters past their deadline
+        # once callers outnumber connections (measured: 20 callers on 10 connections).
+        self._slots = asyncio.Semaphore(pool_size)
 
     def __repr__(self) -> str:
         return f"<Store {redact_dsn(self.dsn)}>"
@@ -429,6 +433,12 @@ class Store:
 
     @asynccontextmanager
     async def _cursor(self) -> AsyncIterator[Cursor]:
+        async with self._slots:
+            async with self._pooled_cursor() as cursor:
+                yield cursor
+
+    @asynccontextmanager
+    async def _pooled_cursor(self) -> AsyncIterator[Cursor]:
         pool = self._pool
         if pool is None:
             raise _PoolClosed("pool not open")

@@ -844,3 +844,23 @@ async def test_listener_that_loses_its_connection_raises_database_error(store, p
             await listener.next(timeout=5)
     assert time.monotonic() - started < 1
     assert not isinstance(caught.value, DatabaseTimeout)
+
+
+async def test_callers_beyond_the_pool_size_wait_their_turn_without_starving(database):
+    """Thirty callers on three connections all get served in turn; none starves past its deadline."""
+    store = Store(database, pool_size=3, timeout=2.0)
+    await store.open()
+    try:
+        await store.migrate()
+        await store.create_room("lobby")
+
+        async def caller(index: int) -> int:
+            for n in range(30):
+                await store.insert_message(message(index * 100 + n, sender=f"caller{index}"))
+            return index
+
+        done = await asyncio.gather(*(caller(index) for index in range(30)))
+        assert done == list(range(30))
+        assert await store.latest_seq("lobby") == 900
+    finally:
+        await store.close()
