@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 export HEARTH_REDIS_URL ?= redis://127.0.0.1:56379/0
 
-.PHONY: run serve test stop clean lint services
+.PHONY: run serve test stop clean lint services bench
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check app actors tests
 	$(PY) -m ruff format --check app actors tests
 	$(PY) -m mypy app actors
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	@# Fan-out of the floor, python-socketio and hearth at N=1000 and 5000 (a few minutes).
+	$(PY) -m bench
 
 stop:
 	@if [ -x $(PY) ]; then $(PY) -m app services stop; fi

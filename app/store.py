@@ -49,6 +49,33 @@ TIMEOUT_PGCODES = frozenset({"57014", "55P03"})
 #: How often a backend running a statement checks that we are still there, in milliseconds
 #: (PostgreSQL 14+); an abandoned statement dies within this even if no cancel arrives.
 CLIENT_CHECK_INTERVAL_MS = 1000
+#: unique_violation: two writers raced to store the same message.
+UNIQUE_VIOLATION = "23505"
+#: Stores a message in one round trip, or finds the copy stored before: the room's row
+#: lock (taken by the UPDATE) orders its seqs without gaps, and a repeat (same id, or same
+#: sender and client_msg_id) touches nothing. No row back means there is no such room.
+_INSERT_MESSAGE_SQL = """
+WITH existing AS (
+    SELECT id, seq FROM messages
+    WHERE id = %(id)s::uuid OR (sender = %(sender)s AND client_msg_id = %(client_msg_id)s)
+    LIMIT 1
+), bumped AS (
+    UPDATE rooms SET last_seq = last_seq + 1
+    WHERE name = %(room)s AND NOT EXISTS (SELECT 1 FROM existing)
+    RETURNING last_seq
+), inserted AS (
+    INSERT INTO messages (id, room, seq, sender, client_msg_id, content, content_enc, flags,
+                          created_at)
+    SELECT %(id)s::uuid, %(room)s, bumped.last_seq, %(sender)s, %(client_msg_id)s,
+           %(content)s::text, %(content_enc)s::bytea, %(flags)s::text[],
+           %(created_at)s::timestamptz
+    FROM bumped
+    RETURNING id, seq
+)
+SELECT id, seq, true FROM inserted
+UNION ALL
+SELECT id, seq, false FROM existing
+"""
 #: The channel the room triggers of ``002_room_notify.sql`` notify, with the room name.
 ROOMS_CHANNEL = "hearth_rooms"
 
@@ -185,7 +212,7 @@ class Cursor:
         operation: str,
         table: str,
         sql: str,
-        params: tuple[Any, ...] = (),
+        params: tuple[Any, ...] | dict[str, Any] = (),
         *,
         log_params: dict[str, Any] | None = None,
     ) -> None:
@@ -680,40 +707,32 @@ class Store:
         unknown: a timed-out insert may still have committed, which a retry then finds.
         """
         content, content_enc = self._seal(message)
+        params = {
+            "id": message.id, "room": message.room, "sender": message.sender,
+            "client_msg_id": message.client_msg_id, "content": content,
+            "content_enc": content_enc, "flags": list(message.flags),
+            "created_at": message.created_at,
+        }  # fmt: skip
+        log_params = {"room": message.room, "id": message.id}
 
         async def insert(cursor: Cursor) -> tuple[Message, bool]:
-            log_params = {"room": message.room, "id": message.id}
             await cursor.execute(
-                "lock", "rooms", "SELECT last_seq FROM rooms WHERE name = %s FOR UPDATE",
-                (message.room,), log_params=log_params,
-            )  # fmt: skip
+                "insert", "messages", _INSERT_MESSAGE_SQL, params, log_params=log_params
+            )
             row = await cursor.fetchone()
             if row is None:
                 raise NotFound(text="room not found", params={"topic": f"room:{message.room}"})
-            await cursor.execute(
-                "select", "messages",
-                "SELECT id, seq FROM messages WHERE id = %s OR (sender = %s AND client_msg_id = %s)",
-                (message.id, message.sender, message.client_msg_id), log_params=log_params,
-            )  # fmt: skip
-            existing = await cursor.fetchone()
-            if existing is not None:
-                return replace(message, id=str(existing[0]), seq=existing[1]), False
-            seq = row[0] + 1
-            await cursor.execute(
-                "insert", "messages",
-                "INSERT INTO messages (id, room, seq, sender, client_msg_id, content,"
-                " content_enc, flags, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (message.id, message.room, seq, message.sender, message.client_msg_id, content,
-                 content_enc, list(message.flags), message.created_at),
-                log_params=log_params,
-            )  # fmt: skip
-            await cursor.execute(
-                "update", "rooms", "UPDATE rooms SET last_seq = %s WHERE name = %s",
-                (seq, message.room), log_params={"room": message.room},
-            )  # fmt: skip
-            return replace(message, seq=seq), True
+            message_id, seq, created = row
+            return replace(message, id=str(message_id), seq=seq), created
 
-        return await self.transaction(insert, name="store_message", timeout=timeout)
+        try:
+            return await self.run(insert, name="store_message", timeout=timeout)
+        except DatabaseRejected as exc:
+            if exc.pgcode != UNIQUE_VIOLATION:
+                raise
+            # The same message committed by someone else between our read and our write:
+            # the one statement again finds it and answers as a repeat.
+            return await self.run(insert, name="store_message", timeout=timeout)
 
     def _seal(self, message: Message) -> tuple[str | None, bytes | None]:
         if self.cipher is None:

@@ -328,9 +328,9 @@ class StalledReader:
 class PgProxy:
     """A real TCP proxy in front of PostgreSQL that can slow chosen statements down.
 
-    It makes faults a live server cannot be asked for. :meth:`delay_next_commit`: a COMMIT
-    that succeeds on the server while its answer arrives after the client gave up (the
-    server's bytes on that connection are held after the COMMIT is seen; psycopg2 sends
+    It makes faults a live server cannot be asked for. :meth:`delay_next_reply`: a statement
+    that commits on the server while its answer arrives after the client gave up (the
+    server's bytes on that connection are held once the statement is seen; psycopg2 sends
     simple ``Q`` messages). :attr:`listen_delay`: a slow network as the room listener sees
     it, every LISTEN held back before it reaches the server.
     """
@@ -339,9 +339,9 @@ class PgProxy:
         self.target_port = target_port
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
-        self._commit_delay: float | None = None
-        #: COMMITs whose answer was held back.
-        self.delayed_commits = 0
+        self._reply_delay: tuple[bytes, float] | None = None
+        #: Statements whose answer was held back.
+        self.delayed_replies = 0
         #: Seconds each LISTEN is held before it goes on to the server; 0 holds nothing.
         self.listen_delay = 0.0
         #: LISTEN statements held so far.
@@ -357,9 +357,9 @@ class PgProxy:
         """*dsn* (a postgresql:// URL) pointed at this proxy instead."""
         return dsn.replace(f":{self.target_port}/", f":{self.port}/")
 
-    def delay_next_commit(self, seconds: float) -> None:
-        """Hold the server's answer to the next COMMIT for *seconds*."""
-        self._commit_delay = seconds
+    def delay_next_reply(self, marker: bytes, seconds: float) -> None:
+        """Hold the server's answer to the next statement containing *marker* for *seconds*."""
+        self._reply_delay = (marker, seconds)
 
     async def close(self) -> None:
         """Stop listening and cut every proxied connection."""
@@ -384,10 +384,11 @@ class PgProxy:
 
         async def upstream() -> None:
             while data := await client_reader.read(65536):
-                if self._commit_delay is not None and b"Q" in data and b"COMMIT\x00" in data:
-                    hold_until[0] = asyncio.get_running_loop().time() + self._commit_delay
-                    self._commit_delay = None
-                    self.delayed_commits += 1
+                delay = self._reply_delay
+                if delay is not None and b"Q" in data and delay[0] in data:
+                    hold_until[0] = asyncio.get_running_loop().time() + delay[1]
+                    self._reply_delay = None
+                    self.delayed_replies += 1
                 if self.listen_delay and b"LISTEN" in data:
                     self.delayed_listens += 1
                     await asyncio.sleep(self.listen_delay)

@@ -113,7 +113,7 @@ async def test_poison_record_is_dead_lettered_and_the_drain_goes_on(
 async def test_commit_answered_too_late_still_reaches_every_subscriber_once(
     make_hearth, postgres, database
 ):
-    """A COMMIT that lands after the writer gave up is spooled, found again on drain, and sent out: subscribers get seqs 1..3 exactly once."""
+    """A store that commits after the writer gave up on its answer is spooled, found again on drain, and sent out: subscribers get seqs 1..3 exactly once."""
     proxy = PgProxy(postgres.port)
     await proxy.start()
     try:
@@ -125,14 +125,14 @@ async def test_commit_answered_too_late_still_reaches_every_subscriber_once(
             "pub", topic="room:lobby", content="one", client_msg_id="m1"
         )
         assert first["code"] == 200
-        proxy.delay_next_commit(2.5)
+        proxy.delay_next_reply(b"INSERT INTO messages", 2.5)
         started = time.monotonic()
         second = await publisher.request(
             "pub", topic="room:lobby", content="two", client_msg_id="m2", timeout=10
         )
         assert second["code"] == 202, second
         assert time.monotonic() - started < 1 + 1 + 0.5  # HEARTH_DB_TIMEOUT plus 1 s
-        assert proxy.delayed_commits == 1
+        assert proxy.delayed_replies == 1
         retried = await publisher.request(
             "pub", topic="room:lobby", content="two", client_msg_id="m2"
         )
