@@ -13,7 +13,7 @@ from app.connection import CLOSE_GOING_AWAY, Connection, Reply
 from app.errors import AppError
 from app.log import get_logger
 from app.models import Message
-from app.protocol import Topic, data_frame, encode, error_event, event_frame
+from app.protocol import Topic, data_frame, encode, error_event, event_frame, text_frame
 
 log = get_logger("hub")
 
@@ -282,11 +282,20 @@ class Hub(Actor):
         subscribers = self.registry.subscribers.get(key)
         if not subscribers:
             return
-        frame = encode(data_frame(stored))  # once per broadcast, not once per client
+        # Once per broadcast, not once per client: the text, and the socket's wire bytes.
+        frame = encode(data_frame(stored))
+        wire = text_frame(frame)
         for connection in list(subscribers):
-            self._route(connection, key, seq, frame)
+            self._route(connection, key, seq, frame, wire)
 
-    def _route(self, connection: Connection, key: str, seq: int | None, frame: str) -> None:
+    def _route(
+        self,
+        connection: Connection,
+        key: str,
+        seq: int | None,
+        frame: str,
+        wire: bytes | None = None,
+    ) -> None:
         """Send one room frame to *connection* in seq order, holding it if a gap opens."""
         held = connection.held.get(key)
         if held is not None:
@@ -297,12 +306,12 @@ class Hub(Actor):
                 connection.evict_slow()
             return
         if seq is None:
-            connection.offer(frame)  # spooled: shown now, sent again once it has a seq
+            connection.offer(frame, wire)  # spooled: shown now, sent again once it has a seq
             return
         last = connection.room_seqs.get(key)
         if last is None or seq == last + 1:
             connection.room_seqs[key] = seq
-            connection.offer(frame)
+            connection.offer(frame, wire)
         elif seq > last + 1:
             connection.held[key] = [(seq, frame)]
             self._ask_fill(connection, key, last)

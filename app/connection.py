@@ -12,7 +12,7 @@ from typing import Any
 from app import metrics
 from app.errors import ctrl_frame, render_error
 from app.log import get_logger
-from app.protocol import encode, error_event
+from app.protocol import encode, error_event, text_frame
 
 log = get_logger("connection")
 
@@ -78,6 +78,12 @@ class Connection:
     *send* writes one text frame and *close* closes with a code and reason; the WebSocket
     handler passes the socket's own. Every outbound frame goes through `offer` or
     `offer_latest`, so replies and data keep their order and the bounds hold.
+
+    With *transport* (the socket's, uncompressed), a frame offered while nothing is queued,
+    nothing is being sent and the transport holds no unsent bytes is written at once, as
+    prebuilt wire bytes: no task wake-up, no timer. Anything else queues for the writer
+    task, whose sends carry the send timeout, so a client that stops reading is detected
+    and dropped exactly as before.
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class Connection:
         close: Callable[..., Awaitable[Any]],
         *,
         limits: Limits = Limits(),
+        transport: asyncio.WriteTransport | None = None,
     ) -> None:
         #: Short random id for logs.
         self.id = secrets.token_hex(6)
@@ -105,6 +112,9 @@ class Connection:
         self.limits = limits
         self._send = send
         self._close = close
+        self._transport = transport
+        # True while the writer task is inside a send: a direct write must not overtake it.
+        self._sending = False
         # Backlog entries: a ready frame, or a status topic whose newest frame is in _latest.
         self._backlog: deque[str | tuple[str]] = deque()
         self._latest: dict[str, str] = {}
@@ -132,14 +142,25 @@ class Connection:
         """Start the writer task."""
         self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.id}")
 
-    def offer(self, frame: str) -> bool:
-        """Queue an already-encoded frame; returns False when the client is gone or dropped.
+    def offer(self, frame: str, wire: bytes | None = None) -> bool:
+        """Send or queue an already-encoded frame; False when the client is gone or dropped.
 
-        Past the warn mark the client gets a SLOW_CLIENT warning once; past the hard limit
-        it is closed with 1013 and the frame is not queued.
+        *wire* is the frame as built for the socket (`text_frame`), when the caller built
+        it once for many clients. Past the warn mark the client gets a SLOW_CLIENT warning
+        once; past the hard limit it is closed with 1013 and the frame is not queued.
         """
         if self.closed:
             return False
+        transport = self._transport
+        if (
+            transport is not None
+            and not self._backlog
+            and not self._sending
+            and not transport.get_write_buffer_size()
+            and not transport.is_closing()
+        ):
+            transport.write(wire if wire is not None else text_frame(frame))
+            return True
         limits = self.limits
         if (
             self._room_frames + 1 > limits.max_messages
@@ -260,6 +281,7 @@ class Connection:
                 frame = entry
                 self._room_frames -= 1
                 self._bytes -= len(frame)
+            self._sending = True
             try:
                 async with asyncio.timeout(self.limits.send_timeout):
                     await self._send(frame)
@@ -279,3 +301,5 @@ class Connection:
                     return
             else:
                 self.write_errors = 0
+            finally:
+                self._sending = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +146,22 @@ def _check_numbers(request: Request) -> None:
 def encode(frame: dict[str, Any]) -> str:
     """Serialise a server frame once, compactly."""
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+def text_frame(text: str) -> bytes:
+    """*text* as one unmasked WebSocket text frame (RFC 6455 §5.2), as a server sends it.
+
+    Built once per broadcast, it is written to every idle client's socket as it is.
+    """
+    payload = text.encode()
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x81, length)
+    elif length < 65536:
+        header = struct.pack("!BBH", 0x81, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, length)
+    return header + payload
 
 
 def data_frame(message: Message) -> dict[str, Any]:

@@ -383,6 +383,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     connection = Connection(
         ws.send_str,
         ws.close,
+        # Direct writes bypass aiohttp's framing, so only when frames go uncompressed.
+        transport=None if settings.ws_compress else request.transport,  # type: ignore[arg-type]
         limits=Limits(
             max_messages=settings.client_queue_messages,
             max_bytes=settings.client_queue_bytes,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.errors import render_error
-from app.protocol import BadFrame, Topic, parse_request, parse_topic
+from app.protocol import BadFrame, Topic, parse_request, parse_topic, text_frame
 
 
 def frame(**fields) -> str:
@@ -108,3 +108,34 @@ def test_any_json_object_parses_or_gets_a_400(fields):
         parse_request(json.dumps(fields))
     except BadFrame as exc:
         assert exc.status == 400
+
+
+class _Capture:
+    """A transport that keeps what is written, for aiohttp's own WebSocket writer."""
+
+    def __init__(self) -> None:
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def writelines(self, chunks) -> None:
+        self.written += b"".join(chunks)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    text=st.text(max_size=200) | st.sampled_from(["x" * 125, "x" * 126, "é" * 40_000, "y" * 70_000])
+)
+async def test_text_frame_is_the_frame_aiohttp_would_write(text):
+    """text_frame builds, byte for byte, the unmasked text frame aiohttp's own writer sends, at every length class."""
+    from aiohttp import WSMsgType
+    from aiohttp._websocket.writer import WebSocketWriter
+
+    transport = _Capture()
+    writer = WebSocketWriter(None, transport, use_mask=False)  # type: ignore[arg-type]
+    await writer.send_frame(text.encode(), WSMsgType.TEXT)
+    assert text_frame(text) == transport.written
