@@ -86,6 +86,14 @@ class Connection:
     and dropped exactly as before.
     """
 
+    # Thousands of these live at once: no per-instance dict.
+    __slots__ = (
+        "id", "user_id", "username", "is_admin", "topics", "room_seqs", "held", "on_gap",
+        "limits", "write_errors", "closed_reason", "_send", "_close", "_transport",
+        "_sending", "_backlog", "_latest", "_room_frames", "_bytes", "_warned", "_writer",
+        "_started", "_closing",
+    )  # fmt: skip
+
     def __init__(
         self,
         send: Callable[[str], Awaitable[None]],
@@ -121,8 +129,9 @@ class Connection:
         self._room_frames = 0
         self._bytes = 0
         self._warned = False
-        self._wakeup = asyncio.Event()
+        # Started on demand: an idle client, or one served by direct writes, costs no task.
         self._writer: asyncio.Task[None] | None = None
+        self._started = False
         self._closing: asyncio.Task[None] | None = None
         self.write_errors = 0
         #: Why the server closed this client, when it did.
@@ -139,8 +148,16 @@ class Connection:
         return {"frames": len(self._backlog), "bytes": self._bytes}
 
     def start(self) -> None:
-        """Start the writer task."""
-        self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.id}")
+        """Let queued frames flow: a writer task runs whenever something is queued."""
+        self._started = True
+        self._kick()
+
+    def _kick(self) -> None:
+        """Make sure a writer task will send what is queued."""
+        if not self._started or not self._backlog:
+            return
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.id}")
 
     def offer(self, frame: str, wire: bytes | None = None) -> bool:
         """Send or queue an already-encoded frame; False when the client is gone or dropped.
@@ -183,7 +200,7 @@ class Connection:
                     component="hub", severity="warning",
                 ))
             )  # fmt: skip
-        self._wakeup.set()
+        self._kick()
         return True
 
     def _enqueue(self, frame: str) -> None:
@@ -202,7 +219,7 @@ class Connection:
         if key not in self._latest:
             self._backlog.append((key,))
         self._latest[key] = frame
-        self._wakeup.set()
+        self._kick()
 
     def evict_slow(self) -> None:
         """Drop a client whose backlog passed the hard limit: SLOW_CLIENT, then close 1013."""
@@ -231,10 +248,11 @@ class Connection:
         self._closing = asyncio.create_task(self._shut(code, reason, farewell, drain))
 
     async def _shut(self, code: int, reason: str, farewell: str | None, drain: float) -> None:
+        if drain > 0 and self._started:
+            self._backlog.append(("",))  # marks the end of what may still be written
+            self._kick()
         writer = self._writer
         if writer is not None and drain > 0:
-            self._backlog.append(("",))  # marks the end of what may still be written
-            self._wakeup.set()
             try:
                 await asyncio.wait_for(asyncio.shield(writer), drain)
             except Exception:
@@ -268,10 +286,8 @@ class Connection:
             await asyncio.gather(self._writer, return_exceptions=True)
 
     async def _write_loop(self) -> None:
-        while True:
-            while not self._backlog:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+        # Ends once the backlog is empty; the next queued frame starts a new one.
+        while self._backlog:
             entry = self._backlog.popleft()
             if isinstance(entry, tuple):
                 if entry[0] == "":

@@ -89,6 +89,13 @@ class Session:
     session owns the gap-repair tasks it starts and ends them when the client leaves.
     """
 
+    # One per client: no per-instance dict.
+    __slots__ = (
+        "app", "connection", "hub", "writers", "store", "directory", "status_topics",
+        "authenticated", "auth_failures", "publish_bucket", "user_buckets",
+        "max_content_length", "deadline", "repairs", "closing",
+    )  # fmt: skip
+
     def __init__(self, app: web.Application, connection: Connection) -> None:
         settings = app[keys.SETTINGS]
         supervisor = app[keys.SUPERVISOR]
@@ -102,7 +109,8 @@ class Session:
         self.store = app[keys.STORE]
         self.directory = app[keys.DIRECTORY]
         self.status_topics = app[keys.STATUS_TOPICS]
-        self.authenticated = asyncio.Event()
+        #: Set by a successful ``auth``.
+        self.authenticated = False
         self.auth_failures = 0
         self.publish_bucket = TokenBucket(settings.pub_rate, settings.pub_burst)
         self.user_buckets: KeyedBuckets = app[keys.USER_PUBLISH_BUCKETS]
@@ -157,7 +165,7 @@ class Session:
         if request.op == "auth":
             await self.auth(request, reply)
             return
-        if not self.authenticated.is_set():
+        if not self.authenticated:
             raise AuthRequired()
         handler = getattr(self, f"op_{request.op}")
         await handler(request, reply)
@@ -185,7 +193,7 @@ class Session:
             user.username,
             user.is_admin,
         )
-        self.authenticated.set()
+        self.authenticated = True
         log.bind(client_id=connection.id, user_id=user.id).info("client authenticated")
         reply.answer(200, "ok", {"user": {"id": user.id, "username": user.username}})
 
@@ -438,7 +446,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 def _auth_timeout(session: Session) -> None:
-    if not session.authenticated.is_set():
+    if not session.authenticated:
         log.bind(client_id=session.connection.id).info("no auth in time; closing")
         session.connection.shut(CLOSE_POLICY, "authentication timeout")
 
