@@ -36,7 +36,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	@# Fan-out of the floor, python-socketio and hearth at N=1000 and 5000 (a few minutes).
+	@# Fan-out and idle of the floor, python-socketio and hearth at N=1000 and 5000, and
+	@# hearth's durable publishes (a few minutes).
 	$(PY) -m bench
 
 stop:

@@ -1,6 +1,7 @@
-"""``python -m bench``: fan-out of hearth, the floor and python-socketio in one run.
+"""``python -m bench``: fan-out of hearth, the floor and socketio; durable publishes of hearth.
 
-Each server runs pinned to core 0 (hearth's PostgreSQL too), the load generator on core 1.
+Each server runs pinned to core 0 (hearth's PostgreSQL too), the load generator on core 1;
+for the durable scenario PostgreSQL moves to core 1, beside the load generator.
 Prints a table and writes bench/results/<timestamp>.json.
 """
 
@@ -17,8 +18,19 @@ import resource
 import sys
 from pathlib import Path
 
-from bench.loadgen import run_fanout
-from bench.servers import CLIENT_CORE, KINDS, Hearth, Server, pin, pinning_available
+from bench.loadgen import durable_rooms, run_durable, run_fanout
+from bench.servers import (
+    CLIENT_CORE,
+    KINDS,
+    SERVER_CORE,
+    Hearth,
+    Server,
+    pin,
+    pinning_available,
+)
+
+#: Every scenario, in the order they run; fan-out and idle are measured in one pass.
+SCENARIOS = ("fanout", "idle", "durable")
 
 #: Where each run's JSON lands.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -27,7 +39,11 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; ``--quick`` swaps in a tiny smoke-test run."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="20 subscribers, 2 s: a smoke test")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="20 subscribers, 2 s; durable 4 publishers on 2 rooms: a smoke test",
+    )
     parser.add_argument(
         "--subscribers", default="1000,5000", help="comma-separated N values (default 1000,5000)"
     )
@@ -43,10 +59,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--servers", default=",".join(KINDS), help=f"comma-separated, of {','.join(KINDS)}"
     )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, of {','.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--publishers", type=int, default=50, help="durable: closed-loop publishers (default 50)"
+    )
+    parser.add_argument(
+        "--rooms", type=int, default=5, help="durable: rooms the publishers share (default 5)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR, help="folder of the JSON")
     args = parser.parse_args(argv)
     if args.quick:
         args.subscribers, args.rate, args.duration, args.drain = "20", 50.0, 2.0, 5.0
+        args.publishers, args.rooms = 4, 2
+    if args.publishers < 1 or args.rooms < 1:
+        parser.error("--publishers and --rooms must be at least 1")
     args.subscribers = [int(n) for n in args.subscribers.split(",")]
     if args.rate is not None:
         args.rates = [args.rate] * len(args.subscribers)
@@ -58,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.servers) - set(KINDS)
     if unknown:
         parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
+    args.scenarios = args.scenarios.split(",")
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if "durable" in args.scenarios and "hearth" not in args.servers:
+        parser.error("the durable scenario runs on hearth only: add hearth to --servers")
     return args
 
 
@@ -78,6 +114,8 @@ def add_ratios(rows: list[dict]) -> None:
     """Give each row its ratios to the floor row of the same scenario and N."""
     floors = {(r["scenario"], r["n"]): r for r in rows if r["server"] == "floor"}
     for row in rows:
+        if row["scenario"] not in ("fanout", "idle"):
+            continue  # hearth only: there is no floor to compare with.
         floor = floors.get((row["scenario"], row["n"]))
         keys = (
             ["cpu_us_per_delivery", "p50_ms", "p99_ms"]
@@ -122,6 +160,20 @@ def render_table(rows: list[dict]) -> str:
             for r in idle
         ]  # fmt: skip
         lines += _columns(head, body)
+    durable = [r for r in rows if r["scenario"] == "durable"]
+    if durable:
+        lines.append("")
+        head = ("scenario", "P", "rooms", "server", "acks/s", "200/s", "202/s", "p50 ms",
+                "p99 ms", "max ms", "errors", "CPU us/pub", "+db us/pub", "client CPU")  # fmt: skip
+        body = [
+            (r["scenario"], r["publishers"], r["rooms"], r["server"], r["acks_per_s"],
+             r["stored_per_s"], r["queued_per_s"], r["p50_ms"], r["p99_ms"], r["max_ms"],
+             r["errors"], r["cpu_us_per_publish"], r["postgres_cpu_us_per_publish"],
+             f"{r['client_cpu_share']:.0%}")
+            for r in durable
+        ]  # fmt: skip
+        lines += _columns(head, body)
+        lines += [f"durable cores: {r['cores']}" for r in durable]
     return "\n".join(lines)
 
 
@@ -139,8 +191,11 @@ def run(args: argparse.Namespace) -> dict:
         hearth.prepare()  # PostgreSQL starts on the server core, before we leave it.
     pin(0, CLIENT_CORE)
     rows: list[dict] = []
+    fanout_or_idle = {"fanout", "idle"} & set(args.scenarios)
     try:
         for n, rate in zip(args.subscribers, args.rates, strict=True):
+            if not fanout_or_idle:
+                break
             for name in args.servers:
                 server: Server = hearth if name == "hearth" and hearth else KINDS[name]()
                 print(
@@ -153,8 +208,12 @@ def run(args: argparse.Namespace) -> dict:
                     )
                 finally:
                     server.stop()
-                rows.append({"scenario": "fanout", "n": n, "server": name, **fanout})
-                rows.append({"scenario": "idle", "n": n, "server": name, **idle})
+                if "fanout" in args.scenarios:
+                    rows.append({"scenario": "fanout", "n": n, "server": name, **fanout})
+                if "idle" in args.scenarios:
+                    rows.append({"scenario": "idle", "n": n, "server": name, **idle})
+        if "durable" in args.scenarios and hearth is not None:
+            rows.append(_durable(hearth, args))
     finally:
         if hearth is not None:
             hearth.cleanup()
@@ -175,8 +234,45 @@ def run(args: argparse.Namespace) -> dict:
             "duration_s": args.duration,
             "drain_s": args.drain,
             "servers": args.servers,
+            "scenarios": args.scenarios,
+            "publishers": args.publishers,
+            "rooms": args.rooms,
         },
         "rows": rows,
+    }
+
+
+def _durable(hearth: Hearth, args: argparse.Namespace) -> dict:
+    print(
+        f"# durable P={args.publishers} rooms={args.rooms} server=hearth ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    hearth.create_rooms(durable_rooms(args.rooms))
+    hearth.start()
+    # PostgreSQL leaves the server's core, so the server's CPU is not shared with it;
+    # its fresh backends inherit the postmaster's new affinity.
+    moved = hearth.pin_postgres(CLIENT_CORE)
+    try:
+        durable = asyncio.run(run_durable(hearth, args.publishers, args.rooms, args.duration))
+    finally:
+        hearth.stop()
+        hearth.pin_postgres(SERVER_CORE)
+    if not pinning_available():
+        cores = "unpinned: server, PostgreSQL and load generator share every core"
+    elif moved:
+        cores = (
+            f"server on core {SERVER_CORE}; PostgreSQL and load generator share core {CLIENT_CORE}"
+        )
+    else:
+        cores = f"server and PostgreSQL share core {SERVER_CORE}; load generator on {CLIENT_CORE}"
+    return {
+        "scenario": "durable",
+        "n": args.publishers,
+        "server": "hearth",
+        "postgres_core": CLIENT_CORE if moved else SERVER_CORE,
+        "cores": cores,
+        **durable,
     }
 
 

@@ -27,13 +27,21 @@ CLIENT_CORE = 1
 BENCH_USER = "bench"
 BENCH_PASSWORD = "bench-password-not-secret"
 BENCH_ROOM = "lobby"
+#: The durable scenario's rooms are this prefix and a number from 0.
+DURABLE_ROOM_PREFIX = "durable-"
+
+
+#: The cores this process could use at start, before the benchmark pinned itself to one.
+STARTING_CORES = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else ()
 
 
 def pinning_available() -> bool:
-    """Whether this host has both cores the benchmark pins to."""
-    return hasattr(os, "sched_setaffinity") and {SERVER_CORE, CLIENT_CORE} <= os.sched_getaffinity(
-        0
-    )
+    """Whether this host has both cores the benchmark pins to.
+
+    Asked of the starting affinity: once the load generator is pinned to its core, its own
+    affinity no longer shows the server's core, which children must still be pinned to.
+    """
+    return hasattr(os, "sched_setaffinity") and {SERVER_CORE, CLIENT_CORE} <= STARTING_CORES
 
 
 def pin(pid: int, core: int) -> None:
@@ -187,6 +195,7 @@ class Hearth(Server):
         self.token = ""
         self.run_id = uuid.uuid4().hex[:8]
         self._requests = 0
+        self._rooms = {BENCH_ROOM}
 
     def env(self) -> dict[str, str]:
         """The environment of every hearth command of the benchmark."""
@@ -232,6 +241,14 @@ class Hearth(Server):
         self._cli("user", "add", BENCH_USER, "--password", BENCH_PASSWORD)
         self._cli("room", "create", BENCH_ROOM)
 
+    def create_rooms(self, names: list[str]) -> None:
+        """Create the rooms of *names* this benchmark has not created yet, with the CLI."""
+        self.prepare()
+        for name in names:
+            if name not in self._rooms:
+                self._cli("room", "create", name)
+                self._rooms.add(name)
+
     def start(self) -> None:  # noqa: D102
         self.prepare()
         self.token = ""
@@ -246,17 +263,44 @@ class Hearth(Server):
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
 
-    def extra_cpu_seconds(self) -> float:  # noqa: D102
+    def postgres_pids(self) -> list[int]:
+        """The postmaster and every process it has forked (backends, writers, checkpointer)."""
         postmaster = self.postgres.pid()
-        total = 0.0
+        pids = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
                 stat = (entry / "stat").read_text()
                 ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-                if int(entry.name) == postmaster or ppid == postmaster:
-                    total += cpu_seconds(int(entry.name))
+            except (OSError, ValueError):
+                continue
+            if int(entry.name) == postmaster or ppid == postmaster:
+                pids.append(int(entry.name))
+        return pids
+
+    def pin_postgres(self, core: int) -> bool:
+        """Move PostgreSQL's processes to *core*; False when the host or our rights forbid it.
+
+        Backends forked later inherit the postmaster's affinity, so new connections follow.
+        """
+        if not pinning_available():
+            return False
+        moved = True
+        for pid in self.postgres_pids():
+            try:
+                os.sched_setaffinity(pid, {core})
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                moved = False
+        return moved
+
+    def extra_cpu_seconds(self) -> float:  # noqa: D102
+        total = 0.0
+        for pid in self.postgres_pids():
+            try:
+                total += cpu_seconds(pid)
             except (OSError, ValueError):
                 continue
         return total
@@ -305,6 +349,22 @@ class Hearth(Server):
                 "client_msg_id": f"{self.run_id}-{number}",
             }
         )
+
+    def durable_frame(
+        self, room: str, content: str, publisher: int, number: int
+    ) -> tuple[str, str]:
+        """The request id and text frame of publisher *publisher*'s *number*-th pub to *room*."""
+        request_id = f"d{publisher}-{number}"
+        frame = json.dumps(
+            {
+                "op": "pub",
+                "id": request_id,
+                "topic": f"room:{room}",
+                "content": content,
+                "client_msg_id": f"{self.run_id}-{publisher}-{number}",
+            }
+        )
+        return request_id, frame
 
 
 #: Every server kind, floor first: the others' ratios are taken against it.

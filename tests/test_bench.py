@@ -13,10 +13,15 @@ FANOUT_KEYS = {
     "cpu_us_per_delivery", "ratio_to_floor",
 }  # fmt: skip
 IDLE_KEYS = {"kb_per_connection", "connect_s", "connects_per_s", "ratio_to_floor"}
+DURABLE_KEYS = {
+    "acknowledged", "stored_200", "queued_202", "acks_per_s", "p50_ms", "p99_ms", "max_ms",
+    "errors", "cpu_us_per_publish", "postgres_cpu_us_per_publish", "cores",
+}  # fmt: skip
 
 
 def test_quick_bench_delivers_everything_and_writes_json(tmp_path: Path) -> None:
-    """A quick run delivers every publish on all three servers and records the figures."""
+    """A quick run delivers every publish on all three servers, has hearth acknowledge durable
+    publishes without an error, and records the figures."""
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--output", str(tmp_path)],
         cwd=ROOT,
@@ -50,3 +55,13 @@ def test_quick_bench_delivers_everything_and_writes_json(tmp_path: Path) -> None
     )
     for server in ("floor", "socketio", "hearth"):
         assert f" {server} " in done.stdout
+    durable = [r for r in document["rows"] if r["scenario"] == "durable"]
+    assert [r["server"] for r in durable] == ["hearth"]
+    for row in durable:
+        assert DURABLE_KEYS <= row.keys()
+        assert (row["publishers"], row["rooms"]) == (4, 2)
+        assert row["acknowledged"] == row["stored_200"] + row["queued_202"] > 0, row
+        assert row["acks_per_s"] > 0, row
+        assert row["errors"] == 0, row
+        assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], row
+    assert " durable " in done.stdout
