@@ -325,8 +325,8 @@ class Hub(Actor):
 
     async def _handle_filled(self, message: Filled) -> None:
         connection, key = message.connection, message.key
-        if key not in connection.topics or key not in connection.held:
-            return  # unsubscribed or left meanwhile
+        if not _filling(connection, key):
+            return
         last = connection.room_seqs.get(key) or 0
         progressed = False
         for stored in message.messages:
@@ -345,10 +345,8 @@ class Hub(Actor):
         self._release(connection, key)
 
     async def _handle_fill_failed(self, message: FillFailed) -> None:
-        connection, key = message.connection, message.key
-        if key not in connection.topics or key not in connection.held:
-            return
-        self._resync(connection, key)
+        if _filling(message.connection, message.key):
+            self._resync(message.connection, message.key)
 
     def _resync(self, connection: Connection, key: str) -> None:
         """Tell *connection* to recover *key* with ``sub since``, then go on live from here."""
@@ -400,6 +398,11 @@ class Hub(Actor):
             connection.offer(farewell)
             connection.shut(CLOSE_GOING_AWAY, "server shutdown", drain=message.drain)
         return connections
+
+
+def _filling(connection: Connection, key: str) -> bool:
+    """Whether *connection* still waits on a fill of *key* (not unsubscribed or left since)."""
+    return key in connection.topics and key in connection.held
 
 
 def _first_seq(held: list[tuple[int | None, str]]) -> int | None:

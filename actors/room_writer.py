@@ -391,10 +391,9 @@ class RoomWriter(Actor):
 
     def _seal(self, message: Message) -> dict[str, Any]:
         record = message.to_record()
-        if self.cipher is not None:
-            # Spooled content is encrypted like rows, bound to the message id.
-            sealed = self.cipher.encrypt(message.content or "", aad=message.id.encode())
-            record["content"] = None
+        content, sealed = self.store.seal(message)  # encrypted like rows, bound to the id
+        if sealed is not None:
+            record["content"] = content
             record["content_enc"] = base64.b64encode(sealed).decode("ascii")
         return record
 

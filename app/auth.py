@@ -257,6 +257,7 @@ class Authenticator:
 
     async def logout(self, token: str) -> None:
         """Revoke *token*; revoking it again changes nothing."""
-        self._known_tokens.pop(token_hash(token), None)
-        revoked = await self.store.revoke_token(token_hash(token))
+        digest = token_hash(token)
+        self._known_tokens.pop(digest, None)
+        revoked = await self.store.revoke_token(digest)
         log.bind(revoked=revoked).info("logout")

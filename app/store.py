@@ -706,7 +706,7 @@ class Store:
         is stored then), and `DatabaseError` or `DatabaseTimeout` when the outcome is
         unknown: a timed-out insert may still have committed, which a retry then finds.
         """
-        content, content_enc = self._seal(message)
+        content, content_enc = self.seal(message)
         params = {
             "id": message.id, "room": message.room, "sender": message.sender,
             "client_msg_id": message.client_msg_id, "content": content,
@@ -734,7 +734,9 @@ class Store:
             # the one statement again finds it and answers as a repeat.
             return await self.run(insert, name="store_message", timeout=timeout)
 
-    def _seal(self, message: Message) -> tuple[str | None, bytes | None]:
+    def seal(self, message: Message) -> tuple[str | None, bytes | None]:
+        """*message*'s content as stored: ``(plaintext, None)``, or ``(None, sealed)`` with a
+        key; raises `EncryptionError` when encryption fails. Spooled records use it too."""
         if self.cipher is None:
             return message.content, None
         try:

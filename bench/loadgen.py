@@ -80,6 +80,15 @@ async def _drain(ws: aiohttp.ClientWebSocketResponse, errors: list[str]) -> None
             errors.append(data[:200])
 
 
+def _latency_ms(ordered: list[float]) -> dict[str, float]:
+    """p50, p99 and max of the sorted latencies *ordered* (seconds), in milliseconds."""
+    return {
+        "p50_ms": round(_percentile(ordered, 0.50) * 1e3, 2),
+        "p99_ms": round(_percentile(ordered, 0.99) * 1e3, 2),
+        "max_ms": round(ordered[-1] * 1e3, 2) if ordered else float("nan"),
+    }
+
+
 def _percentile(ordered: list[float], fraction: float) -> float:
     if not ordered:
         return float("nan")
@@ -178,9 +187,7 @@ async def run_fanout(
         "send_s": round(sent_at - started, 3),
         "wall_s": round(finished - started, 3),
         "deliveries_per_s": round(received / span, 1) if received else 0.0,
-        "p50_ms": round(_percentile(ordered, 0.50) * 1e3, 2),
-        "p99_ms": round(_percentile(ordered, 0.99) * 1e3, 2),
-        "max_ms": round(ordered[-1] * 1e3, 2) if ordered else float("nan"),
+        **_latency_ms(ordered),
         "server_cpu_s": round(cpu, 3),
         "cpu_us_per_delivery": round(cpu * per_delivery, 3),
         "helper_cpu_s": round(extra, 3),
@@ -317,9 +324,7 @@ async def run_durable(server: Hearth, publishers: int, rooms: int, duration: flo
         "acks_per_s": round(acknowledged / wall, 1),
         "stored_per_s": round(acks.stored / wall, 1),
         "queued_per_s": round(acks.queued / wall, 1),
-        "p50_ms": round(_percentile(ordered, 0.50) * 1e3, 2),
-        "p99_ms": round(_percentile(ordered, 0.99) * 1e3, 2),
-        "max_ms": round(ordered[-1] * 1e3, 2) if ordered else float("nan"),
+        **_latency_ms(ordered),
         "server_cpu_s": round(cpu, 3),
         "cpu_us_per_publish": round(cpu * per_publish, 1),
         "postgres_cpu_s": round(extra, 3),
