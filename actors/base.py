@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from app.errors import ActorCrashed, ActorTimeout, AppError, MailboxFull, log_error
 from app.log import get_logger, trace_id_var
 
-__all__ = ["Actor", "ActorState", "Timer", "describe_error", "is_refusal"]
+__all__ = ["Actor", "ActorState", "Timer", "answer", "describe_error", "is_refusal"]
 
 log = get_logger("actor")
 
@@ -160,6 +160,11 @@ class Actor:
         self._handlers: dict[type, Callable[[Any], Awaitable[Any]]] = {}
         self._waiting = False
         self._finishing = False
+        #: The reply of the call being handled, until its handler defers it.
+        self._caller: asyncio.Future[Any] | None = None
+        self._deferred = False
+        #: Deferred replies not answered yet; an ending incarnation fails them at once.
+        self._unanswered: set[asyncio.Future[Any]] = set()
 
     async def on_start(self) -> None:
         """Build the state of a new incarnation; runs on every (re)start."""
@@ -199,6 +204,21 @@ class Actor:
             raise ActorTimeout(
                 f"{self.name} did not answer {type(message).__name__} within {timeout}s"
             ) from exc
+
+    def defer_reply(self) -> asyncio.Future[Any]:
+        """In the handler of a :meth:`call`: answer later, like gen_server's ``noreply``.
+
+        Returns the future the caller awaits; the handler's own return value is then
+        ignored. Whoever holds it answers with :func:`answer`. When the incarnation ends
+        first, the caller gets `ActorCrashed` then, not an `ActorTimeout` at its deadline.
+        """
+        reply = self._caller
+        if reply is None:
+            raise RuntimeError(f"{self.name}: only the handler of a call can defer its reply")
+        self._deferred = True
+        self._unanswered.add(reply)
+        reply.add_done_callback(self._unanswered.discard)
+        return reply
 
     def send_after(self, delay: float, message: object) -> Timer:
         """Cast *message* to this actor after *delay* seconds.
@@ -313,6 +333,8 @@ class Actor:
                     # with its result; the request to stop still stands.
                     raise asyncio.CancelledError()
         finally:
+            for reply in list(self._unanswered):
+                answer(reply, ActorCrashed(f"{self.name} stopped before answering"))
             self.ready.clear()
             self.started_at = None
             for timer in list(self._timers):
@@ -374,6 +396,7 @@ class Actor:
                     raise
                 log_error(exc, component=self.name, kind=type(item).__name__)
             return
+        self._caller, self._deferred = item.reply, False
         try:
             result = await self._handler_for(item.message)(item.message)
         except asyncio.CancelledError:
@@ -386,7 +409,9 @@ class Actor:
             if is_refusal(exc):
                 return  # answered; the actor's state is intact
             raise
-        if not item.reply.done():
+        finally:
+            self._caller = None
+        if not self._deferred and not item.reply.done():
             item.reply.set_result(result)
 
     def _handler_for(self, message: object) -> Callable[[Any], Awaitable[Any]]:
@@ -398,6 +423,17 @@ class Actor:
                 raise TypeError(f"{type(self).__name__} has no {_handler_name(message_type)}")
             self._handlers[message_type] = handler
         return handler
+
+
+def answer(reply: asyncio.Future[Any], outcome: Any) -> None:
+    """Answer a deferred *reply* (see :meth:`Actor.defer_reply`) with *outcome*: a result,
+    or an exception to raise in the caller. A caller that gave up is skipped."""
+    if reply.done():
+        return
+    if isinstance(outcome, BaseException):
+        reply.set_exception(outcome)
+    else:
+        reply.set_result(outcome)
 
 
 def _crashed(actor: Actor, error: Exception) -> ActorCrashed:

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from actors.base import Actor
+from actors.base import Actor, answer
 from app import metrics
 from app.crypto import DecryptError, MessageCipher
 from app.errors import (
+    AppError,
     DatabaseError,
     DatabaseRejected,
     DatabaseTimeout,
@@ -34,6 +35,10 @@ log = get_logger("room_writer")
 
 #: Least time worth trying PostgreSQL with; with less left a publish goes to the spool.
 MIN_ATTEMPT_SECONDS = 0.2
+#: Time kept back from a publish's deadline to spool it if the insert fails.
+SPOOL_RESERVE_SECONDS = 0.1
+#: Most publishes of one room stored by one statement.
+MAX_BATCH = 200
 
 
 def shard_of(room: str, shards: int) -> int:
@@ -99,6 +104,25 @@ class Publish:
     deadline: float
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """A publish waiting for its room's batch, with every caller to answer: a retry of the
+    same message while the first is on its way gets the same answer, as a repeat."""
+
+    message: Message
+    deadline: float
+    replies: list[asyncio.Future[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """How storing *room*'s *batch* went: an outcome per message, or the error of the whole."""
+
+    room: str
+    batch: tuple[_Waiting, ...]
+    outcome: list[tuple[Message, bool] | AppError] | AppError
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A drain outcome: the spooled message can never be stored, for *reason*."""
@@ -130,9 +154,11 @@ class StopAccepting:
 
 
 class RoomWriter(Actor):
-    """Stores publishes for the rooms with ``shard_of(room) == index``, one at a time.
+    """Stores publishes for the rooms with ``shard_of(room) == index``.
 
-    One writer per shard keeps each room's order without locks. A room with spooled
+    One writer per shard keeps each room's order without locks. Each room has at most one
+    insert on its way; the publishes that arrive meanwhile wait and then go together in one
+    statement (group commit), each acknowledged only after the commit. A room with spooled
     messages queues new ones behind them in the spool; other rooms are not affected.
     While PostgreSQL answers, a publish is stored (200); when it does not within the
     publish's deadline, or is known to be away, the publish is spooled (202). Spooled
@@ -181,7 +207,15 @@ class RoomWriter(Actor):
         self.drain_retry: dict[str, tuple[int, float]] = {}
         #: room -> number of the spool entry whose drain task is running.
         self.draining: dict[str, int] = {}
+        #: room -> publishes waiting for the room's next batch, oldest first.
+        self.waiting: dict[str, list[_Waiting]] = {}
+        #: room -> the batch being stored now.
+        self.committing: dict[str, tuple[_Waiting, ...]] = {}
+        #: (sender, client_msg_id) -> its waiting or committing publish.
+        self.in_progress: dict[tuple[str, str], _Waiting] = {}
         self.stored = self.spooled = self.dead_letters = 0
+        #: Insert statements sent: fewer than `stored` when publishes went together.
+        self.batches = 0
 
     @property
     def cipher(self) -> MessageCipher | None:
@@ -191,6 +225,7 @@ class RoomWriter(Actor):
     async def on_start(self) -> None:
         # The spool is the truth after a crash or a restart: rebuild this shard's queues.
         self.pending, self.spooled_ids, self.drain_retry, self.draining = {}, {}, {}, {}
+        self.waiting, self.committing, self.in_progress = {}, {}, {}
         for entry in await self.spool.pending():
             room = str(entry.record.get("room", ""))
             if shard_of(room, self.shards) != self.index:
@@ -207,7 +242,9 @@ class RoomWriter(Actor):
             "shard": self.index,
             "rooms_waiting": len(self.pending),
             "spooled_waiting": sum(len(queue) for queue in self.pending.values()),
+            "publishes_in_progress": len(self.in_progress),
             "stored": self.stored,
+            "batches": self.batches,
             "spooled": self.spooled,
             "dead_letters": self.dead_letters,
             "suspect": self.suspect_since is not None,
@@ -215,37 +252,128 @@ class RoomWriter(Actor):
 
     # -- publishing ----------------------------------------------------------------------------
 
-    async def _handle_publish(self, request: Publish) -> PublishResult:
+    async def _handle_publish(self, request: Publish) -> PublishResult | None:
         if not self.accepting:
             raise ServerShutdown(retry_after=5)
         message = request.message
-        if message.room in self.pending:
+        room = message.room
+        if room in self.pending:
             return await self._spool(message, "room has spooled messages")
-        remaining = request.deadline - time.monotonic()
-        if not self._usable():
-            return await self._spool(message, "database unavailable")
-        if remaining < MIN_ATTEMPT_SECONDS:
-            return await self._spool(message, "no time left for the database")
+        key = (message.sender, message.client_msg_id)
+        same = self.in_progress.get(key)
+        if same is not None:
+            same.replies.append(self.defer_reply())
+            return None
+        publish = _Waiting(message, request.deadline, [self.defer_reply()])
+        self.in_progress[key] = publish
+        self.waiting.setdefault(room, []).append(publish)
+        if room not in self.committing:
+            await self._commit_next(room)
+        return None
+
+    async def _commit_next(self, room: str) -> None:
+        """Start storing *room*'s waiting publishes as one batch, or spool them in order."""
+        waiting = self.waiting.pop(room, None)
+        if not waiting:
+            return
+        if len(waiting) > MAX_BATCH:
+            self.waiting[room] = waiting[MAX_BATCH:]
+            waiting = waiting[:MAX_BATCH]
+        batch = tuple(waiting)
+        remaining = min(publish.deadline for publish in batch) - time.monotonic()
+        if room in self.pending:
+            reason = "room has spooled messages"
+        elif not self._usable():
+            reason = "database unavailable"
+        elif remaining < MIN_ATTEMPT_SECONDS:
+            reason = "no time left for the database"
+        else:
+            self.committing[room] = batch
+            self.batches += 1
+            timeout = min(self.store.timeout, remaining - SPOOL_RESERVE_SECONDS)
+            self.spawn(self._store_batch(room, batch, timeout), name=f"commit-{room}")
+            return
+        await self._spool_batch(batch, reason)
+        await self._commit_next(room)  # what waited behind it follows into the spool
+
+    async def _store_batch(self, room: str, batch: tuple[_Waiting, ...], timeout: float) -> None:
+        # Touches no state: the handler of Committed applies the outcome.
+        outcome: list[tuple[Message, bool] | AppError] | AppError
         try:
-            stored, created = await self.store.insert_message(
-                message, timeout=min(self.store.timeout, remaining)
+            outcome = list(
+                await self.store.insert_messages(
+                    room, [publish.message for publish in batch], timeout=timeout
+                )
             )
-        except DatabaseRejected as exc:
+        except AppError as exc:
+            outcome = exc
+        await self._report(Committed(room, batch, outcome))
+
+    async def _report(self, outcome: object) -> None:
+        """Cast the outcome of a background store to the mailbox; it must arrive, or the
+        room stays stuck."""
+        while True:
+            try:
+                self.cast(outcome)
+                return
+            except MailboxFull:
+                await asyncio.sleep(0.05)
+
+    async def _handle_committed(self, message: Committed) -> None:
+        room, batch, outcome = message.room, message.batch, message.outcome
+        if self.committing.get(room) is not batch:
+            return  # from an earlier incarnation
+        del self.committing[room]
+        if isinstance(outcome, DatabaseError):
+            # A timeout may still commit: the spooled copy then finds the row on drain
+            # (a repeat) and sends it out then, so nobody misses it.
+            self._failed(outcome)
+            await self._spool_batch(batch, type(outcome).__name__)
+        elif isinstance(outcome, AppError):
+            for publish in batch:
+                self._settle(publish, outcome)
+        else:
+            for publish, result in zip(batch, outcome, strict=True):
+                if isinstance(result, AppError):
+                    self._settle(publish, self._refused(publish.message, result))
+                    continue
+                stored, created = result
+                self.stored += created
+                metrics.PUBLISHES.labels("stored" if created else "repeated").inc()
+                self.outlet.emit(stored)
+                self._settle(publish, PublishResult(stored, queued=False, repeat=not created))
+        await self._commit_next(room)
+
+    def _refused(self, message: Message, error: AppError) -> AppError:
+        if isinstance(error, DatabaseRejected):
             # Validation should have refused it at the door; this is logged as the bug it is.
-            log.bind(id=message.id, error=exc.detail).opt(exception=exc).error(
+            log.bind(id=message.id, error=error.detail).error(
                 "PostgreSQL refused a validated message"
             )
             metrics.PUBLISHES.labels("refused").inc()
-            raise ValidationError(text="content cannot be stored") from exc
-        except DatabaseError as exc:
-            # A timeout may still commit: the spooled copy then finds the row on drain
-            # (a repeat) and sends it out then, so nobody misses it.
-            self._failed(exc)
-            return await self._spool(message, type(exc).__name__)
-        self.stored += created
-        metrics.PUBLISHES.labels("stored" if created else "repeated").inc()
-        self.outlet.emit(stored)
-        return PublishResult(stored, queued=False, repeat=not created)
+            return ValidationError(text="content cannot be stored")
+        return error
+
+    def _settle(self, publish: _Waiting, outcome: PublishResult | AppError) -> None:
+        """Answer every caller of *publish*; the retries among them hear a repeat."""
+        key = (publish.message.sender, publish.message.client_msg_id)
+        if self.in_progress.get(key) is publish:
+            del self.in_progress[key]
+        first, *retries = publish.replies
+        answer(first, outcome)
+        for reply in retries:
+            if isinstance(outcome, PublishResult):
+                answer(reply, replace(outcome, repeat=True))
+            else:
+                answer(reply, outcome)
+
+    async def _spool_batch(self, batch: tuple[_Waiting, ...], reason: str) -> None:
+        for publish in batch:
+            try:
+                result: PublishResult | AppError = await self._spool(publish.message, reason)
+            except AppError as exc:
+                result = exc
+            self._settle(publish, result)
 
     async def _spool(self, message: Message, reason: str) -> PublishResult:
         key = (message.sender, message.client_msg_id)
@@ -315,12 +443,7 @@ class RoomWriter(Actor):
                 outcome = DeadLetter(type(exc).__name__)  # no retry can store it
             except DatabaseError as exc:
                 outcome = exc
-        while True:
-            try:
-                self.cast(Drained(room, entry, outcome))
-                return
-            except MailboxFull:
-                await asyncio.sleep(0.05)  # the answer must arrive, or the room stays stuck
+        await self._report(Drained(room, entry, outcome))
 
     async def _handle_drained(self, message: Drained) -> None:
         room, entry, outcome = message.room, message.entry, message.outcome

@@ -323,25 +323,23 @@ class ConfigError(AppError):
 
 
 class ActorError(AppError):
-    """An actor could not take or answer a message."""
+    """An actor could not take or answer a message; the supervisor heals it, so retry soon."""
 
     code = "SERVICE_ERROR"
     category = "service"
     status = 503
     recoverable = True
+    retry_after = 1
 
 
 class MailboxFull(ActorError):
     """An actor's bounded mailbox refused a message."""
-
-    retry_after = 1
 
 
 class ActorTimeout(ActorError, TimeoutError):
     """An actor did not answer a call in time."""
 
     status = 504
-    retry_after = 1
 
 
 class RequestTimeout(ActorError, TimeoutError):
@@ -349,7 +347,6 @@ class RequestTimeout(ActorError, TimeoutError):
 
     code = "REQUEST_TIMEOUT"
     status = 504
-    retry_after = 1
 
 
 class ActorCrashed(ActorError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -51,31 +51,46 @@ TIMEOUT_PGCODES = frozenset({"57014", "55P03"})
 CLIENT_CHECK_INTERVAL_MS = 1000
 #: unique_violation: two writers raced to store the same message.
 UNIQUE_VIOLATION = "23505"
-#: Stores a message in one round trip, or finds the copy stored before: the room's row
-#: lock (taken by the UPDATE) orders its seqs without gaps, and a repeat (same id, or same
-#: sender and client_msg_id) touches nothing. No row back means there is no such room.
-_INSERT_MESSAGE_SQL = """
-WITH existing AS (
-    SELECT id, seq FROM messages
-    WHERE id = %(id)s::uuid OR (sender = %(sender)s AND client_msg_id = %(client_msg_id)s)
-    LIMIT 1
+#: Stores a room's batch of messages in one round trip, or finds copies stored before. The
+#: room's row lock (taken by the UPDATE) orders its seqs without gaps: the new messages take
+#: the next seqs in batch order. A repeat (same id, or same sender and client_msg_id) touches
+#: nothing and comes back with the first copy's id and seq. No row back for a message means
+#: there is no such room. Flags travel as one string per message, joined by FLAG_SEPARATOR.
+_INSERT_MESSAGES_SQL = """
+WITH input AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(senders)s::text[], %(client_msg_ids)s::text[],
+                         %(contents)s::text[], %(contents_enc)s::bytea[], %(flags)s::text[],
+                         %(created_at)s::timestamptz[])
+        WITH ORDINALITY AS t(id, sender, client_msg_id, content, content_enc, flags, created_at,
+                             ord)
+), existing AS (
+    SELECT DISTINCT ON (ord) ord, id, seq FROM (
+        SELECT i.ord, m.id, m.seq FROM input i JOIN messages m ON m.id = i.id
+        UNION ALL
+        SELECT i.ord, m.id, m.seq FROM input i
+        JOIN messages m ON m.sender = i.sender AND m.client_msg_id = i.client_msg_id
+    ) found ORDER BY ord
+), fresh AS (
+    SELECT i.*, row_number() OVER (ORDER BY i.ord) AS n
+    FROM input i WHERE i.ord NOT IN (SELECT ord FROM existing)
 ), bumped AS (
-    UPDATE rooms SET last_seq = last_seq + 1
-    WHERE name = %(room)s AND NOT EXISTS (SELECT 1 FROM existing)
-    RETURNING last_seq
+    UPDATE rooms SET last_seq = last_seq + (SELECT count(*) FROM fresh)
+    WHERE name = %(room)s AND EXISTS (SELECT 1 FROM fresh)
+    RETURNING last_seq - (SELECT count(*) FROM fresh) AS base
 ), inserted AS (
     INSERT INTO messages (id, room, seq, sender, client_msg_id, content, content_enc, flags,
                           created_at)
-    SELECT %(id)s::uuid, %(room)s, bumped.last_seq, %(sender)s, %(client_msg_id)s,
-           %(content)s::text, %(content_enc)s::bytea, %(flags)s::text[],
-           %(created_at)s::timestamptz
-    FROM bumped
+    SELECT f.id, %(room)s, b.base + f.n, f.sender, f.client_msg_id, f.content, f.content_enc,
+           COALESCE(string_to_array(f.flags, %(separator)s), '{}'), f.created_at
+    FROM fresh f CROSS JOIN bumped b
     RETURNING id, seq
 )
-SELECT id, seq, true FROM inserted
+SELECT f.ord, ins.id, ins.seq, true FROM inserted ins JOIN fresh f ON f.id = ins.id
 UNION ALL
-SELECT id, seq, false FROM existing
+SELECT ord, id, seq, false FROM existing
 """
+#: Joins a message's flags into one array element (flags are identifiers, never content).
+FLAG_SEPARATOR = "\x1f"
 #: The channel the room triggers of ``002_room_notify.sql`` notify, with the room name.
 ROOMS_CHANNEL = "hearth_rooms"
 
@@ -700,31 +715,76 @@ class Store:
         """Store *message* like `store_message`, also telling whether the row is new.
 
         The flag is False for a repeat (same id, or same sender and client_msg_id), which
-        comes back with the first copy's id and seq. *timeout* shortens the deadline of
-        `transaction`. Raises `NotFound` for an unknown room, `EncryptionError` when
-        encryption fails, `DatabaseRejected` for content PostgreSQL cannot hold (nothing
-        is stored then), and `DatabaseError` or `DatabaseTimeout` when the outcome is
-        unknown: a timed-out insert may still have committed, which a retry then finds.
+        comes back with the first copy's id and seq. Raises `NotFound` for an unknown room,
+        and otherwise as `insert_messages`.
         """
-        content, content_enc = self.seal(message)
+        (outcome,) = await self.insert_messages(message.room, [message], timeout=timeout)
+        if isinstance(outcome, AppError):
+            raise outcome
+        return outcome
+
+    async def insert_messages(
+        self, room: str, messages: Sequence[Message], *, timeout: float | None = None
+    ) -> list[tuple[Message, bool] | NotFound | DatabaseRejected]:
+        """Store *room*'s *messages* in one statement, taking the next seqs in their order.
+
+        Each outcome is ``(stored, is_new)`` (a repeat comes back with the first copy's id
+        and seq), `NotFound` for an unknown room, or `DatabaseRejected` for content
+        PostgreSQL cannot hold: a batch it refuses is stored again one message at a time,
+        so one bad message costs only itself. *timeout* shortens the deadline of `run`.
+        Raises `EncryptionError` when encryption fails, and `DatabaseError` or
+        `DatabaseTimeout` when the outcome is unknown: a timed-out insert may still have
+        committed, which a retry then finds.
+        """
+        sealed = [self.seal(message) for message in messages]
         params = {
-            "id": message.id, "room": message.room, "sender": message.sender,
-            "client_msg_id": message.client_msg_id, "content": content,
-            "content_enc": content_enc, "flags": list(message.flags),
-            "created_at": message.created_at,
+            "room": room, "separator": FLAG_SEPARATOR,
+            "ids": [m.id for m in messages], "senders": [m.sender for m in messages],
+            "client_msg_ids": [m.client_msg_id for m in messages],
+            "contents": [content for content, _ in sealed],
+            "contents_enc": [enc for _, enc in sealed],
+            "flags": [FLAG_SEPARATOR.join(m.flags) or None for m in messages],
+            "created_at": [m.created_at for m in messages],
         }  # fmt: skip
-        log_params = {"room": message.room, "id": message.id}
+        log_params = {"room": room, "count": len(messages), "id": messages[0].id}
 
-        async def insert(cursor: Cursor) -> tuple[Message, bool]:
+        async def insert(cursor: Cursor) -> list[tuple[Message, bool] | NotFound]:
             await cursor.execute(
-                "insert", "messages", _INSERT_MESSAGE_SQL, params, log_params=log_params
+                "insert", "messages", _INSERT_MESSAGES_SQL, params, log_params=log_params
             )
-            row = await cursor.fetchone()
-            if row is None:
-                raise NotFound(text="room not found", params={"topic": f"room:{message.room}"})
-            message_id, seq, created = row
-            return replace(message, id=str(message_id), seq=seq), created
+            found = {ord_: (str(id_), seq, new) for ord_, id_, seq, new in await cursor.fetchall()}
+            outcomes: list[tuple[Message, bool] | NotFound] = []
+            for number, message in enumerate(messages, start=1):
+                if number not in found:
+                    outcomes.append(
+                        NotFound(text="room not found", params={"topic": f"room:{room}"})
+                    )
+                    continue
+                message_id, seq, new = found[number]
+                outcomes.append((replace(message, id=message_id, seq=seq), new))
+            return outcomes
 
+        started = time.monotonic()
+        try:
+            return await self._insert_retrying_races(insert, timeout)  # type: ignore[arg-type]
+        except DatabaseRejected as exc:
+            if len(messages) == 1:
+                return [exc]
+        # Someone's content was refused: store each alone, so only it is refused, all
+        # within the one deadline.
+        budget = self.timeout if timeout is None else min(timeout, self.timeout)
+        outcomes: list[tuple[Message, bool] | NotFound | DatabaseRejected] = []
+        for message in messages:
+            left = budget - (time.monotonic() - started)
+            if left <= 0:
+                raise DatabaseTimeout("insert_messages deadline spent storing one by one")
+            (outcome,) = await self.insert_messages(room, [message], timeout=left)
+            outcomes.append(outcome)
+        return outcomes
+
+    async def _insert_retrying_races(
+        self, insert: Callable[[Cursor], Awaitable[T]], timeout: float | None
+    ) -> T:
         try:
             return await self.run(insert, name="store_message", timeout=timeout)
         except DatabaseRejected as exc:

@@ -60,6 +60,8 @@ MAX_AUTH_FAILURES = 3
 FILL_PAGE = 100
 #: Seconds a request may take beyond the database deadline before it is answered 504.
 REQUEST_MARGIN = 1.0
+#: Requests of one client served at once; the next frame is read when one finishes.
+MAX_REQUESTS_IN_FLIGHT = 8
 
 
 def origin_allowed(request: web.Request, allowed: str) -> bool:
@@ -93,7 +95,7 @@ class Session:
     __slots__ = (
         "app", "connection", "hub", "writers", "store", "directory", "status_topics",
         "authenticated", "auth_failures", "publish_bucket", "user_buckets",
-        "max_content_length", "deadline", "repairs", "closing",
+        "max_content_length", "deadline", "repairs", "requests", "closing",
     )  # fmt: skip
 
     def __init__(self, app: web.Application, connection: Connection) -> None:
@@ -119,6 +121,8 @@ class Session:
         self.deadline = settings.db_timeout + REQUEST_MARGIN
         #: Gap repairs under way, by room topic; each is a task this session owns.
         self.repairs: dict[str, asyncio.Task[None]] = {}
+        #: Requests being served beside the read loop (see `receive`).
+        self.requests: set[asyncio.Task[None]] = set()
         #: Set once the client left: no new repair starts.
         self.closing = False
         connection.on_gap = self.repair_gap
@@ -134,14 +138,30 @@ class Session:
             exc, component="ws", client_id=self.connection.id, user_id=self.connection.user_id
         )
 
-    async def handle_text(self, text: str) -> None:
-        """Parse one text frame and answer it with exactly one ctrl."""
+    async def receive(self, text: str) -> None:
+        """Take one text frame: ``auth`` and anything before it are served in turn, the
+        rest beside the read loop, up to `MAX_REQUESTS_IN_FLIGHT` at once.
+
+        Each request's first step (its cast to an actor) runs in arrival order, so one
+        client's publishes to a room keep their order.
+        """
         try:
             request = parse_request(text)
         except BadFrame as exc:
             with trace_context():
                 self.reply_error(exc, exc.request_id)
             return
+        if request.op == "auth" or not self.authenticated:
+            await self.handle(request)
+            return
+        while len(self.requests) >= MAX_REQUESTS_IN_FLIGHT:
+            await asyncio.wait(self.requests, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.create_task(self.handle(request))
+        self.requests.add(task)
+        task.add_done_callback(self.requests.discard)
+
+    async def handle(self, request: Request) -> None:
+        """Serve *request* with exactly one ctrl, within the session's deadline."""
         with trace_context(request.trace_id):
             reply = Reply(self.connection, request.id)
             try:
@@ -347,13 +367,17 @@ class Session:
         self._cast_or_close(FillFailed(self.connection, key))
 
     async def close(self) -> None:
-        """End the repairs this session started."""
+        """End the requests and repairs this session started: nobody is left to answer.
+
+        A publish already handed to its writer is stored all the same.
+        """
         self.closing = True
-        tasks = [task for task in self.repairs.values() if not task.done()]
+        tasks = [task for task in (*self.repairs.values(), *self.requests) if not task.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.repairs.clear()
+        self.requests.clear()
 
     def _cast_or_close(self, message: object) -> None:
         """Tell the hub; if its mailbox is full, close the client (1013) rather than leave it
@@ -417,7 +441,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             return ws
         async for message in ws:
             if message.type is WSMsgType.TEXT:
-                await session.handle_text(message.data)
+                await session.receive(message.data)
             elif message.type is WSMsgType.BINARY:
                 session.reply_error(BadFrame("binary frames are not supported"), None)
             elif message.type is WSMsgType.ERROR:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import aiopg
@@ -167,6 +168,46 @@ async def test_unknown_room_is_not_found_and_not_stored(store):
     """A publish to a room that does not exist is refused with NotFound."""
     with pytest.raises(NotFound):
         await store.insert_message(message(1, room="nowhere"))
+    assert await store.history("lobby", since=0) == []
+
+
+async def test_a_batch_takes_consecutive_seqs_in_its_order_and_finds_repeats(store):
+    """One statement stores a room's batch with the next seqs in batch order; a message stored before comes back as a repeat with its first seq, and takes no seq."""
+    (first, _) = await store.insert_message(message(1))
+    retried = replace(message(1), id=str(uuid.uuid4()))  # same sender and client_msg_id
+    flagged = replace(message(3), flags=("spooled", "late"))
+    outcomes = await store.insert_messages("lobby", [message(2), retried, flagged, message(4)])
+    assert [(m.client_msg_id, m.seq, new) for m, new in outcomes] == [
+        ("c-2", 2, True), ("c-1", 1, False), ("c-3", 3, True), ("c-4", 4, True),
+    ]  # fmt: skip
+    assert outcomes[1][0].id == first.id
+    stored = await store.history("lobby", since=0)
+    assert [(m.seq, m.client_msg_id) for m in stored] == [
+        (1, "c-1"),
+        (2, "c-2"),
+        (3, "c-3"),
+        (4, "c-4"),
+    ]
+    assert stored[2].flags == ("spooled", "late")
+    assert await store.latest_seq("lobby") == 4
+
+
+async def test_content_postgres_refuses_costs_only_its_own_message_in_a_batch(store):
+    """A NUL byte (which validation refuses at the door) in the middle of a batch is refused alone: the others are stored gap-free."""
+    poisoned = replace(message(2), content="nul \x00 inside")
+    outcomes = await store.insert_messages("lobby", [message(1), poisoned, message(3)])
+    assert isinstance(outcomes[1], DatabaseRejected)
+    assert [(m.client_msg_id, m.seq) for m, _ in (outcomes[0], outcomes[2])] == [
+        ("c-1", 1), ("c-3", 2),
+    ]  # fmt: skip
+    assert [m.seq for m in await store.history("lobby", since=0)] == [1, 2]
+
+
+async def test_a_batch_for_an_unknown_room_is_not_found_per_message(store):
+    outcomes = await store.insert_messages(
+        "nowhere", [message(1, room="nowhere"), message(2, room="nowhere")]
+    )
+    assert all(isinstance(outcome, NotFound) for outcome in outcomes)
     assert await store.history("lobby", since=0) == []
 
 
