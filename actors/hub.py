@@ -102,9 +102,10 @@ class FillFailed:
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """A message from the writers' outlet: stored (with seq) or spooled (seq None)."""
+    """One room's messages from the writers' outlet, in seq order: stored (with seq) or
+    spooled (seq None)."""
 
-    message: Message
+    messages: tuple[Message, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,19 +275,34 @@ class Hub(Actor):
     # -- room messages -------------------------------------------------------------------------
 
     async def _handle_deliver(self, message: Deliver) -> None:
-        stored = message.message
-        key = f"room:{stored.room}"
-        seq = stored.seq
-        if seq is not None and seq > self.registry.heads.get(key, 0):
-            self.registry.heads[key] = seq
+        batch = message.messages
+        key = f"room:{batch[0].room}"
+        heads = self.registry.heads
+        for stored in batch:
+            if stored.seq is not None and stored.seq > heads.get(key, 0):
+                heads[key] = stored.seq
         subscribers = self.registry.subscribers.get(key)
         if not subscribers:
             return
         # Once per broadcast, not once per client: the text, and the socket's wire bytes.
-        frame = encode(data_frame(stored))
-        wire = text_frame(frame)
+        frames = [encode(data_frame(stored)) for stored in batch]
+        wires = [text_frame(frame) for frame in frames]
+        first = batch[0].seq
+        if len(batch) > 1 and first is not None and _consecutive(batch):
+            # A group commit: a client that is up to date gets the batch in one write.
+            joined = b"".join(wires)
+            for connection in list(subscribers):
+                last = connection.room_seqs.get(key)
+                if key not in connection.held and (last is None or last == first - 1):
+                    connection.room_seqs[key] = batch[-1].seq  # type: ignore[assignment]
+                    connection.offer_all(frames, joined)
+                else:
+                    for stored, frame, wire in zip(batch, frames, wires, strict=True):
+                        self._route(connection, key, stored.seq, frame, wire)
+            return
         for connection in list(subscribers):
-            self._route(connection, key, seq, frame, wire)
+            for stored, frame, wire in zip(batch, frames, wires, strict=True):
+                self._route(connection, key, stored.seq, frame, wire)
 
     def _route(
         self,
@@ -403,6 +419,14 @@ class Hub(Actor):
 def _filling(connection: Connection, key: str) -> bool:
     """Whether *connection* still waits on a fill of *key* (not unsubscribed or left since)."""
     return key in connection.topics and key in connection.held
+
+
+def _consecutive(batch: tuple[Message, ...]) -> bool:
+    """Whether *batch*'s seqs run without gaps or repeats (a fresh group commit)."""
+    return all(
+        earlier.seq is not None and later.seq == earlier.seq + 1
+        for earlier, later in zip(batch, batch[1:], strict=False)
+    )
 
 
 def _first_seq(held: list[tuple[int | None, str]]) -> int | None:

@@ -47,31 +47,36 @@ def shard_of(room: str, shards: int) -> int:
 
 
 class Outlet:
-    """The one place a stored (or spooled) message leaves the writers.
+    """The one place stored (or spooled) messages leave the writers.
 
     Fan-out (the hub) and any later consumer (the Redis bridge) subscribe here, never in
-    the writer's code. Consumers must not block: they cast to their own mailbox.
+    the writer's code. Each emit is one room's messages in seq order (a batch stored by one
+    statement, or a single message). Consumers must not block: they cast to their own
+    mailbox.
     """
 
     def __init__(self) -> None:
-        self._consumers: list[Callable[[Message], None]] = []
+        self._consumers: list[Callable[[tuple[Message, ...]], None]] = []
 
-    def subscribe(self, consumer: Callable[[Message], None]) -> None:
-        """Have *consumer* see every message emitted from now on."""
+    def subscribe(self, consumer: Callable[[tuple[Message, ...]], None]) -> None:
+        """Have *consumer* see every batch emitted from now on."""
         self._consumers.append(consumer)
 
-    def emit(self, message: Message) -> None:
-        """Hand *message* to every consumer; one consumer's failure never stops the others."""
+    def emit(self, messages: tuple[Message, ...]) -> None:
+        """Hand *messages* to every consumer; one consumer's failure never stops the others."""
+        if not messages:
+            return
+        first = messages[0]
         for consumer in self._consumers:
             try:
-                consumer(message)
+                consumer(messages)
             except MailboxFull:
                 # Its receivers repair the gap from the store on the room's next message.
-                log.bind(id=message.id, topic=f"room:{message.room}", seq=message.seq).error(
-                    "outlet consumer full; message not routed"
-                )
+                log.bind(
+                    id=first.id, topic=f"room:{first.room}", seq=first.seq, count=len(messages)
+                ).error("outlet consumer full; messages not routed")
             except Exception as exc:
-                log.bind(id=message.id, error=type(exc).__name__).opt(exception=exc).error(
+                log.bind(id=first.id, error=type(exc).__name__).opt(exception=exc).error(
                     "outlet consumer failed"
                 )
 
@@ -333,15 +338,20 @@ class RoomWriter(Actor):
             for publish in batch:
                 self._settle(publish, outcome)
         else:
+            answers: list[PublishResult | AppError] = []
             for publish, result in zip(batch, outcome, strict=True):
                 if isinstance(result, AppError):
-                    self._settle(publish, self._refused(publish.message, result))
+                    answers.append(self._refused(publish.message, result))
                     continue
                 stored, created = result
                 self.stored += created
                 metrics.PUBLISHES.labels("stored" if created else "repeated").inc()
-                self.outlet.emit(stored)
-                self._settle(publish, PublishResult(stored, queued=False, repeat=not created))
+                answers.append(PublishResult(stored, queued=False, repeat=not created))
+            # Out before the acks, in seq order (repeats too: a commit that was never
+            # sent out is sent now; receivers drop what they have).
+            self.outlet.emit(tuple(a.message for a in answers if isinstance(a, PublishResult)))
+            for publish, reply in zip(batch, answers, strict=True):
+                self._settle(publish, reply)
         await self._commit_next(room)
 
     def _refused(self, message: Message, error: AppError) -> AppError:
@@ -397,7 +407,7 @@ class RoomWriter(Actor):
         metrics.PUBLISHES.labels("spooled").inc()
         metrics.SPOOL_DEPTH.set(self.spool.depth)
         log.bind(id=message.id, topic=f"room:{message.room}", reason=reason).info("publish spooled")
-        self.outlet.emit(message)  # seq None: shown live now, sent again once stored
+        self.outlet.emit((message,))  # seq None: shown live now, sent again once stored
         return PublishResult(message, queued=True)
 
     async def _handle_stop_accepting(self, message: StopAccepting) -> int:
@@ -471,7 +481,7 @@ class RoomWriter(Actor):
             await self.spool.ack(entry)
             metrics.SPOOL_DEPTH.set(self.spool.depth)
             self.stored += 1
-            self.outlet.emit(outcome)  # a repeat too: an ambiguous commit was never sent out
+            self.outlet.emit((outcome,))  # a repeat too: an ambiguous commit was never sent out
         if queue:
             self._drain(room)
         else:

@@ -146,16 +146,19 @@ class Authenticator:
         token_ttl: float,
         ip_throttle: KeyedBuckets,
         user_throttle: KeyedBuckets,
+        token_recheck: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self.token_ttl = token_ttl
         self.ip_throttle = ip_throttle
         self.user_throttle = user_throttle
+        #: Seconds a token PostgreSQL confirmed is taken without asking again (0: always ask).
+        self.token_recheck = token_recheck
         self.clock = clock
-        # token hash -> (user, expiry in epoch seconds) as PostgreSQL last confirmed it; only
-        # read while PostgreSQL is unreachable. Hashes, like the table: never the tokens.
-        self._known_tokens: OrderedDict[bytes, tuple[User, float]] = OrderedDict()
+        # token hash -> (user, expiry, time of the check) in epoch seconds, as PostgreSQL
+        # last confirmed it. Hashes, like the table: never the tokens.
+        self._known_tokens: OrderedDict[bytes, tuple[User, float, float]] = OrderedDict()
 
     @classmethod
     def from_settings(cls, store: Store | Callable[[], Store], settings: Settings) -> Authenticator:
@@ -224,20 +227,26 @@ class Authenticator:
     async def authenticate(self, token: str) -> User:
         """The user *token* belongs to; raises `AuthFailed` if it is unknown, expired or revoked.
 
-        While PostgreSQL is unreachable, a token it confirmed before (on this instance) is
-        accepted until it expires; a revocation made elsewhere meanwhile is seen once the
-        database answers again. Any other token then raises `DatabaseError`.
+        A token PostgreSQL confirmed within the last ``token_recheck`` seconds is taken
+        without asking again: a logout on this instance is seen at once, one on another
+        instance within that time. While PostgreSQL is unreachable, a token it confirmed
+        before (on this instance) is accepted until it expires; a revocation made elsewhere
+        meanwhile is seen once the database answers again. Any other token then raises
+        `DatabaseError`.
         """
         # Tokens are URL-safe ASCII; anything else cannot be one of ours.
         if not isinstance(token, str) or not token or not token.isascii():
             raise AuthFailed("malformed token")
         digest = token_hash(token)
+        known = self._known_tokens.get(digest)
+        now = self.clock()
+        if known is not None and now < known[1] and now - known[2] < self.token_recheck:
+            return known[0]  # a burst of (re)connects costs PostgreSQL one query per token
         try:
             row = await self.store.user_for_token(digest, now=self._now())
         except DatabaseError:
             # A client reconnecting during an outage (its network blinked too) is let in
             # on the last answer PostgreSQL gave for its token, until that token expires.
-            known = self._known_tokens.get(digest)
             if known is None or known[1] <= self.clock():
                 raise
             log.bind(user_id=known[0].id).warning(
@@ -249,7 +258,7 @@ class Authenticator:
             raise AuthFailed("unknown, expired or revoked token")
         user_id, username, is_admin, expires_at = row
         user = User(id=user_id, username=username, is_admin=is_admin)
-        self._known_tokens[digest] = (user, expires_at.timestamp())
+        self._known_tokens[digest] = (user, expires_at.timestamp(), now)
         self._known_tokens.move_to_end(digest)
         if len(self._known_tokens) > KNOWN_TOKENS:
             self._known_tokens.popitem(last=False)

@@ -168,14 +168,8 @@ class Connection:
         """
         if self.closed:
             return False
-        transport = self._transport
-        if (
-            transport is not None
-            and not self._backlog
-            and not self._sending
-            and not transport.get_write_buffer_size()
-            and not transport.is_closing()
-        ):
+        transport = self._idle_transport()
+        if transport is not None:
             transport.write(wire if wire is not None else text_frame(frame))
             return True
         limits = self.limits
@@ -202,6 +196,31 @@ class Connection:
             )  # fmt: skip
         self._kick()
         return True
+
+    def offer_all(self, frames: list[str], wire: bytes) -> bool:
+        """`offer` each of *frames*, whose wire bytes joined are *wire*: one write when the
+        client is idle. False when the client is gone or was dropped on the way."""
+        if self.closed:
+            return False
+        transport = self._idle_transport()
+        if transport is not None:
+            transport.write(wire)
+            return True
+        return all(self.offer(frame) for frame in frames)
+
+    def _idle_transport(self) -> asyncio.WriteTransport | None:
+        """The transport, when a frame may go straight to it: nothing queued or being
+        sent, and the socket holds nothing unsent."""
+        transport = self._transport
+        if (
+            transport is not None
+            and not self._backlog
+            and not self._sending
+            and not transport.get_write_buffer_size()
+            and not transport.is_closing()
+        ):
+            return transport
+        return None
 
     def _enqueue(self, frame: str) -> None:
         self._backlog.append(frame)

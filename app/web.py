@@ -60,7 +60,7 @@ def default_actors(app: web.Application) -> list[Actor]:
     )
     hub = Hub(app[keys.REGISTRY], **options)
     outlet = app[keys.OUTLET]
-    outlet.subscribe(lambda message: hub.cast(Deliver(message)))
+    outlet.subscribe(lambda messages: hub.cast(Deliver(messages)))
     writers = [
         RoomWriter(
             index, settings.room_writers, store, app[keys.SPOOL], outlet,

@@ -214,7 +214,7 @@ class Session:
             user.is_admin,
         )
         self.authenticated = True
-        log.bind(client_id=connection.id, user_id=user.id).info("client authenticated")
+        log.bind(client_id=connection.id, user_id=user.id).debug("client authenticated")
         reply.answer(200, "ok", {"user": {"id": user.id, "username": user.username}})
 
     async def op_ping(self, request: Request, reply: Reply) -> None:

@@ -11,6 +11,7 @@ import statistics
 import time
 from datetime import UTC, datetime, timedelta
 
+import aiopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -77,13 +78,16 @@ async def users(store, password_hash) -> dict[str, str]:
     }
 
 
-def authenticator(store, *, clock=time.time, ttl: float = 3600, burst: float = 100):
+def authenticator(
+    store, *, clock=time.time, ttl: float = 3600, burst: float = 100, recheck: float = 0.0
+):
     """An authenticator on *store* whose throttles allow *burst* attempts per key."""
     return Authenticator(
         store,
         token_ttl=ttl,
         ip_throttle=KeyedBuckets(burst / 60, burst, clock=clock),
         user_throttle=KeyedBuckets(burst / 60, burst, clock=clock),
+        token_recheck=recheck,
         clock=clock,
     )
 
@@ -376,3 +380,25 @@ async def test_a_remembered_token_is_refused_once_expired(store, users):
     clock.advance(61)
     with pytest.raises(DatabaseError):
         await auth.authenticate(token)
+
+
+async def test_a_token_checked_moments_ago_costs_no_query_and_is_asked_again_later(
+    store, users, database
+):
+    """Within the recheck time a confirmed token is taken without a query; a revocation made elsewhere is seen after it, and a logout here at once."""
+    clock = FakeClock()
+    auth = authenticator(store, clock=clock, recheck=10)
+    token, _ = await auth.login("alice", PASSWORD, client_ip="192.0.2.1")
+    await auth.authenticate(token)
+    async with aiopg.connect(database) as conn, conn.cursor() as cursor:
+        # Another instance's logout: this one learns of it at the next check.
+        await cursor.execute("UPDATE auth_tokens SET revoked_at = now()")
+    assert (await auth.authenticate(token)).id == users["alice"]
+    clock.advance(11)
+    with pytest.raises(AuthFailed):
+        await auth.authenticate(token)
+    other, _ = await auth.login("bob", PASSWORD, client_ip="192.0.2.1")
+    await auth.authenticate(other)
+    await auth.logout(other)
+    with pytest.raises(AuthFailed):
+        await auth.authenticate(other)

@@ -80,7 +80,7 @@ class Pipeline:
         #: Every message the outlet emitted, in order (spooled previews have seq None).
         self.emitted: list[Message] = []
         outlet = Outlet()
-        outlet.subscribe(self.emitted.append)
+        outlet.subscribe(self.emitted.extend)
         self.writer = RoomWriter(
             0, 1, store, spool, outlet,
             database_usable=monitor.usable_after, ask_for_ping=monitor.check_soon,

@@ -417,22 +417,27 @@ def test_registry_and_delivery_match_a_model():
             self.subs[index].discard(room)
             self._forget(index, f"room:{room}")
 
-        @rule(room=st.sampled_from(rooms), lost=st.booleans())
-        def store_message(self, room, lost):
-            seq = len(self.stored[room]) + 1
-            message = Message(
-                id=f"{room}-{seq}", room=room, sender="ann", client_msg_id=f"{room}-{seq}",
-                content="x", created_at="2026-12-01T00:00:00.000Z", seq=seq,
-            )  # fmt: skip
-            self.stored[room].append(message)
-            if not lost:  # a lost one never reaches the hub: the outlet dropped it
-                self.run(self.hub._handle_deliver(Deliver(message)))
-                self.delivered[room] = seq
+        @rule(room=st.sampled_from(rooms), count=st.integers(1, 4), lost=st.booleans())
+        def store_messages(self, room, count, lost):
+            """A group commit of *count* messages, delivered as one batch (or lost whole)."""
+            batch = []
+            for _ in range(count):
+                seq = len(self.stored[room]) + 1
+                message = Message(
+                    id=f"{room}-{seq}", room=room, sender="ann", client_msg_id=f"{room}-{seq}",
+                    content="x", created_at="2026-12-01T00:00:00.000Z", seq=seq,
+                )  # fmt: skip
+                self.stored[room].append(message)
+                batch.append(message)
+            if not lost:  # a lost batch never reaches the hub: the outlet dropped it
+                self.run(self.hub._handle_deliver(Deliver(tuple(batch))))
+                self.delivered[room] = batch[-1].seq
 
-        @rule(room=st.sampled_from(rooms), back=st.integers(1, 3))
-        def repeat_delivery(self, room, back):
+        @rule(room=st.sampled_from(rooms), back=st.integers(1, 3), count=st.integers(1, 2))
+        def repeat_delivery(self, room, back, count):
             if len(self.stored[room]) >= back:
-                self.run(self.hub._handle_deliver(Deliver(self.stored[room][-back])))
+                again = tuple(self.stored[room][-back:][:count])
+                self.run(self.hub._handle_deliver(Deliver(again)))
 
         @rule(index=st.integers(0, 3), fail=st.booleans())
         def answer_a_fill(self, index, fail):
