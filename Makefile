@@ -36,8 +36,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	@# Fan-out and idle of the floor, python-socketio and hearth at N=1000 and 5000, and
-	@# hearth's durable publishes (a few minutes).
+	@# Fan-out and idle of the floor, python-socketio and hearth (asyncio and uvloop) at
+	@# N=1000 and 5000, hearth's durable publishes and presence of 1000 users, and every
+	@# server with 1% of 1000 subscribers stalled (under 15 minutes).
 	$(PY) -m bench
 
 stop:

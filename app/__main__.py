@@ -61,13 +61,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _load_settings()
     try:
-        asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            runner.run(serve(settings))
     except OSError as exc:
         log.bind(host=settings.host, port=settings.port, error=exc.strerror).log(
             "FATAL", "cannot listen"
         )
         return 1
     return 0
+
+
+def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The factory of *event_loop*'s loops (HEARTH_EVENT_LOOP); None: asyncio's own.
+
+    uvloop is an optional extra: when it is asked for but missing, serving goes on with
+    asyncio after a warning rather than not at all.
+    """
+    if event_loop != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        log.bind(event_loop=event_loop).warning(
+            "HEARTH_EVENT_LOOP=uvloop but uvloop is not installed; using asyncio"
+        )
+        return None
+    log.bind(event_loop=event_loop, version=uvloop.__version__).info("event loop: uvloop")
+    return uvloop.new_event_loop
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -173,6 +173,7 @@ class Authenticator:
             user_throttle=KeyedBuckets(
                 settings.login_user_rate_per_min / 60, settings.login_user_rate_per_min
             ),
+            token_recheck=settings.token_recheck,
         )
 
     @property

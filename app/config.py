@@ -16,6 +16,8 @@ from app.log import redact_dsn
 from app.sources import Source, parse_sources, system_source
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: The event loops HEARTH_EVENT_LOOP may name.
+EVENT_LOOPS = ("asyncio", "uvloop")
 #: Prefix of every variable hearth reads; others with it are typos worth a warning.
 ENV_PREFIX = "HEARTH_"
 #: Endings of variable names whose whole value is a secret, shown as ``***``.
@@ -126,6 +128,13 @@ class Settings:
     )
     token_ttl_hours: float = setting(
         "HEARTH_TOKEN_TTL_HOURS", 24.0, "Lifetime of a login token.", minimum=0.001
+    )
+    token_recheck: float = setting(
+        "HEARTH_TOKEN_RECHECK",
+        10.0,
+        "Seconds a token PostgreSQL confirmed is accepted again without a query; a logout on "
+        "another instance takes effect within it (0: query on every auth).",
+        minimum=0.0,
     )
     login_rate_per_min: float = setting(
         "HEARTH_LOGIN_RATE_PER_MIN",
@@ -240,6 +249,12 @@ class Settings:
     shutdown_timeout: float = setting(
         "HEARTH_SHUTDOWN_TIMEOUT", 10.0, "Deadline for a graceful stop (s).", minimum=0.1
     )
+    event_loop: str = setting(
+        "HEARTH_EVENT_LOOP",
+        "asyncio",
+        "``asyncio`` or ``uvloop`` (the ``uvloop`` extra); without uvloop installed, serve "
+        "warns and uses asyncio.",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -261,6 +276,8 @@ class Settings:
         """Check cross-field rules; raises `ConfigError`."""
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(variable="HEARTH_LOG_LEVEL", reason=f"must be one of {LOG_LEVELS}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(variable="HEARTH_EVENT_LOOP", reason=f"must be one of {EVENT_LOOPS}")
         if self.port > 65535:
             raise ConfigError(variable="HEARTH_PORT", reason="must be at most 65535")
         if self.drain_grace >= self.shutdown_timeout:

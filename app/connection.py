@@ -124,7 +124,8 @@ class Connection:
         # True while the writer task is inside a send: a direct write must not overtake it.
         self._sending = False
         # Backlog entries: a ready frame, or a status topic whose newest frame is in _latest.
-        self._backlog: deque[str | tuple[str]] = deque()
+        # Made on demand and let go once drained: an empty deque costs 760 bytes.
+        self._backlog: deque[str | tuple[str]] | None = None
         self._latest: dict[str, str] = {}
         self._room_frames = 0
         self._bytes = 0
@@ -145,7 +146,7 @@ class Connection:
     @property
     def backlog(self) -> dict[str, int]:
         """Frames and bytes waiting to be sent."""
-        return {"frames": len(self._backlog), "bytes": self._bytes}
+        return {"frames": len(self._backlog or ()), "bytes": self._bytes}
 
     def start(self) -> None:
         """Let queued frames flow: a writer task runs whenever something is queued."""
@@ -222,8 +223,13 @@ class Connection:
             return transport
         return None
 
+    def _queue(self) -> deque[str | tuple[str]]:
+        if self._backlog is None:
+            self._backlog = deque()
+        return self._backlog
+
     def _enqueue(self, frame: str) -> None:
-        self._backlog.append(frame)
+        self._queue().append(frame)
         self._room_frames += 1
         self._bytes += len(frame)
 
@@ -236,7 +242,7 @@ class Connection:
         if self.closed:
             return
         if key not in self._latest:
-            self._backlog.append((key,))
+            self._queue().append((key,))
         self._latest[key] = frame
         self._kick()
 
@@ -268,7 +274,7 @@ class Connection:
 
     async def _shut(self, code: int, reason: str, farewell: str | None, drain: float) -> None:
         if drain > 0 and self._started:
-            self._backlog.append(("",))  # marks the end of what may still be written
+            self._queue().append(("",))  # marks the end of what may still be written
             self._kick()
         writer = self._writer
         if writer is not None and drain > 0:
@@ -306,6 +312,16 @@ class Connection:
 
     async def _write_loop(self) -> None:
         # Ends once the backlog is empty; the next queued frame starts a new one.
+        try:
+            await self._write_backlog()
+        finally:
+            # Let go of this task and the empty deque: an idle client holds neither.
+            if self._writer is asyncio.current_task():
+                self._writer = None
+            if not self._backlog:
+                self._backlog = None
+
+    async def _write_backlog(self) -> None:
         while self._backlog:
             entry = self._backlog.popleft()
             if isinstance(entry, tuple):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 #: Time spent in each SQL statement, by operation and table.
@@ -47,3 +50,51 @@ BREAKER_TRANSITIONS = Counter(
 UPSTREAM_CALLS = Counter(
     "hearth_upstream_calls_total", "Status feed upstream calls by outcome.", ["source", "outcome"]
 )
+#: How long each garbage collection stopped the event loop, by generation.
+GC_PAUSE_SECONDS = Histogram(
+    "hearth_gc_pause_seconds",
+    "Garbage collection pauses.",
+    ["generation"],
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
+)
+#: The longest garbage collection pause since the process started.
+GC_PAUSE_MAX_SECONDS = Gauge("hearth_gc_pause_max_seconds", "Longest garbage collection pause.")
+
+
+class _GcTimer:
+    """A `gc.callbacks` hook: times each collection from its start to its stop phase.
+
+    A collection may start inside any allocation, even one made while prometheus_client
+    holds a metric's (non-reentrant) lock, so the hook only touches per-child value locks,
+    which never allocate while held: children are made up front, never by `labels()` here.
+    """
+
+    __slots__ = ("started_at", "longest", "by_generation")
+
+    def __init__(self) -> None:
+        self.started_at = 0.0
+        # A gauge cannot be read back cheaply, so the record is kept beside it.
+        self.longest = 0.0
+        self.by_generation = {
+            generation: GC_PAUSE_SECONDS.labels(generation=str(generation))
+            for generation in range(3)
+        }
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started_at = time.perf_counter()
+            return
+        pause = time.perf_counter() - self.started_at
+        self.by_generation[info["generation"]].observe(pause)
+        if pause > self.longest:
+            self.longest = pause
+            GC_PAUSE_MAX_SECONDS.set(pause)
+
+
+_GC_TIMER = _GcTimer()
+
+
+def install_gc_timer() -> None:
+    """Time every garbage collection into `GC_PAUSE_SECONDS`; calling it again does nothing."""
+    if _GC_TIMER not in gc.callbacks:
+        gc.callbacks.append(_GC_TIMER)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 import weakref
@@ -22,7 +23,7 @@ from actors.heartbeat import Heartbeat
 from actors.hub import Announce, Deliver, Hub, Registry, Shutdown
 from actors.room_writer import DrainTick, Outlet, RoomWriter, StopAccepting
 from actors.supervisor import Supervisor
-from app import api, health, keys, ws
+from app import api, health, keys, metrics, ws
 from app.auth import Authenticator
 from app.config import Settings
 from app.crypto import parse_keys
@@ -141,6 +142,8 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
     app.cleanup_ctx.append(_loop_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_supervisor_ctx(actors))
+    # Appended after cleanup_ctx, so it runs once every resource above has started.
+    app.on_startup.append(_freeze_startup_heap)
     app.on_shutdown.append(_begin_draining)
     return app
 
@@ -175,6 +178,14 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         log.bind(rooms=rooms).info("room directory seeded from its snapshot")
     yield
     await store.close()
+
+
+async def _freeze_startup_heap(app: web.Application) -> None:
+    metrics.install_gc_timer()
+    # What start-up built lives as long as the process: no collection need scan it again
+    # (its garbage is collected first, or it would be kept forever).
+    gc.collect()
+    gc.freeze()
 
 
 def _supervisor_ctx(actors: ActorFactory):

@@ -95,7 +95,7 @@ class Session:
     __slots__ = (
         "app", "connection", "hub", "writers", "store", "directory", "status_topics",
         "authenticated", "auth_failures", "publish_bucket", "user_buckets",
-        "max_content_length", "deadline", "repairs", "requests", "closing",
+        "max_content_length", "deadline", "repairs", "requests", "closing", "auth_deadline",
     )  # fmt: skip
 
     def __init__(self, app: web.Application, connection: Connection) -> None:
@@ -121,8 +121,10 @@ class Session:
         self.deadline = settings.db_timeout + REQUEST_MARGIN
         #: Gap repairs under way, by room topic; each is a task this session owns.
         self.repairs: dict[str, asyncio.Task[None]] = {}
-        #: Requests being served beside the read loop (see `receive`).
-        self.requests: set[asyncio.Task[None]] = set()
+        #: Requests being served beside the read loop (see `receive`); made on demand.
+        self.requests: set[asyncio.Task[None]] | None = None
+        #: Closes the client if no ``auth`` succeeds in time; cancelled by the first that does.
+        self.auth_deadline: asyncio.TimerHandle | None = None
         #: Set once the client left: no new repair starts.
         self.closing = False
         connection.on_gap = self.repair_gap
@@ -154,11 +156,20 @@ class Session:
         if request.op == "auth" or not self.authenticated:
             await self.handle(request)
             return
-        while len(self.requests) >= MAX_REQUESTS_IN_FLIGHT:
-            await asyncio.wait(self.requests, return_when=asyncio.FIRST_COMPLETED)
+        if self.requests is None:
+            self.requests = set()
+        requests = self.requests
+        while len(requests) >= MAX_REQUESTS_IN_FLIGHT:
+            await asyncio.wait(requests, return_when=asyncio.FIRST_COMPLETED)
         task = asyncio.create_task(self.handle(request))
-        self.requests.add(task)
-        task.add_done_callback(self.requests.discard)
+        requests.add(task)
+        task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        if self.requests is not None:
+            self.requests.discard(task)
+            if not self.requests:
+                self.requests = None  # an idle client keeps no empty set
 
     async def handle(self, request: Request) -> None:
         """Serve *request* with exactly one ctrl, within the session's deadline."""
@@ -214,6 +225,9 @@ class Session:
             user.is_admin,
         )
         self.authenticated = True
+        if self.auth_deadline is not None:
+            self.auth_deadline.cancel()
+            self.auth_deadline = None
         log.bind(client_id=connection.id, user_id=user.id).debug("client authenticated")
         reply.answer(200, "ok", {"user": {"id": user.id, "username": user.username}})
 
@@ -372,12 +386,14 @@ class Session:
         A publish already handed to its writer is stored all the same.
         """
         self.closing = True
-        tasks = [task for task in (*self.repairs.values(), *self.requests) if not task.done()]
+        tasks = [
+            task for task in (*self.repairs.values(), *(self.requests or ())) if not task.done()
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.repairs.clear()
-        self.requests.clear()
+        self.requests = None
 
     def _cast_or_close(self, message: object) -> None:
         """Tell the hub; if its mailbox is full, close the client (1013) rather than leave it
@@ -426,7 +442,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     )
     session = Session(app, connection)
     sockets = app[keys.WEBSOCKETS]
-    auth_deadline = asyncio.get_running_loop().call_later(
+    session.auth_deadline = asyncio.get_running_loop().call_later(
         settings.auth_timeout, _auth_timeout, session
     )
     unexpected = False
@@ -458,7 +474,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         if isinstance(exc, asyncio.CancelledError):
             raise
     finally:
-        auth_deadline.cancel()
+        if session.auth_deadline is not None:
+            session.auth_deadline.cancel()
         sockets.discard(ws)
         try:
             session.hub.cast(Leave(connection, unexpected=unexpected))

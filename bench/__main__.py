@@ -1,4 +1,5 @@
-"""``python -m bench``: fan-out of hearth, the floor and socketio; durable publishes of hearth.
+"""``python -m bench``: fan-out and slow consumers of hearth (on asyncio and uvloop), the floor
+and socketio; durable publishes and presence of hearth.
 
 Each server runs pinned to core 0 (hearth's PostgreSQL too), the load generator on core 1;
 for the durable scenario PostgreSQL moves to core 1, beside the load generator.
@@ -16,21 +17,37 @@ import os
 import platform
 import resource
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
-from bench.loadgen import durable_rooms, run_durable, run_fanout
+from bench.loadgen import (
+    SLOW_CONTENT_LENGTH,
+    SLOW_SEND_BUFFER,
+    durable_rooms,
+    run_durable,
+    run_fanout,
+    run_presence,
+)
 from bench.servers import (
     CLIENT_CORE,
     KINDS,
+    PRESENCE_ROOM,
     SERVER_CORE,
     Hearth,
+    HearthDatabase,
     Server,
+    make_server,
     pin,
     pinning_available,
 )
 
+T = TypeVar("T")
+
 #: Every scenario, in the order they run; fan-out and idle are measured in one pass.
-SCENARIOS = ("fanout", "idle", "durable")
+SCENARIOS = ("fanout", "idle", "durable", "presence", "slow")
+#: The share of the slow-consumer scenario's subscribers that stop reading.
+STALLED_SHARE = 0.01
 
 #: Where each run's JSON lands.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -42,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="20 subscribers, 2 s; durable 4 publishers on 2 rooms: a smoke test",
+        help="20 subscribers, users and slow-scenario subscribers, 2 s; durable 4 publishers"
+        " on 2 rooms: a smoke test",
     )
     parser.add_argument(
         "--subscribers", default="1000,5000", help="comma-separated N values (default 1000,5000)"
@@ -70,13 +88,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rooms", type=int, default=5, help="durable: rooms the publishers share (default 5)"
     )
+    parser.add_argument(
+        "--presence-users",
+        type=int,
+        default=1000,
+        help="presence: users joining one room (default 1000)",
+    )
+    parser.add_argument(
+        "--slow-subscribers",
+        type=int,
+        default=1000,
+        help=f"slow: subscribers, {STALLED_SHARE * 100:g}%% of whom stop reading (default 1000)",
+    )
+    parser.add_argument(
+        "--slow-rate", type=float, default=5.0, help="slow: publishes per second (default 5)"
+    )
+    parser.add_argument(
+        "--slow-duration",
+        type=float,
+        default=20.0,
+        help="slow: seconds of publishing (default 20: a stalled reader's backlog reaches"
+        " 400 KB, past what each server buffers before it pushes back)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR, help="folder of the JSON")
     args = parser.parse_args(argv)
     if args.quick:
         args.subscribers, args.rate, args.duration, args.drain = "20", 50.0, 2.0, 5.0
         args.publishers, args.rooms = 4, 2
+        args.presence_users, args.slow_subscribers = 20, 20
+        args.slow_rate, args.slow_duration = 50.0, 2.0
     if args.publishers < 1 or args.rooms < 1:
         parser.error("--publishers and --rooms must be at least 1")
+    if args.presence_users < 1 or args.slow_subscribers < 2:
+        parser.error("--presence-users must be at least 1 and --slow-subscribers at least 2")
     args.subscribers = [int(n) for n in args.subscribers.split(",")]
     if args.rate is not None:
         args.rates = [args.rate] * len(args.subscribers)
@@ -94,7 +138,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     if "durable" in args.scenarios and "hearth" not in args.servers:
         parser.error("the durable scenario runs on hearth only: add hearth to --servers")
+    if "presence" in args.scenarios and not _hearth_kinds(args.servers):
+        parser.error("the presence scenario runs on hearth only: add hearth to --servers")
     return args
+
+
+def _hearth_kinds(servers: list[str]) -> list[str]:
+    return [name for name in servers if issubclass(KINDS[name], Hearth)]
 
 
 def _raise_file_limit() -> None:
@@ -134,35 +184,33 @@ def _fmt(value: object) -> str:
 
 
 def render_table(rows: list[dict]) -> str:
-    """The stdout table: fan-out rows, then idle rows."""
-    lines = []
+    """The stdout tables, one per scenario, separated by blank lines."""
+    sections: list[list[str]] = []
     head: tuple[str, ...]
     body: list[tuple[object, ...]]
     fanout = [r for r in rows if r["scenario"] == "fanout"]
     if fanout:
         head = ("scenario", "N", "server", "deliv/s", "p50 ms", "p99 ms", "max ms", "lost",
-                "CPU us/deliv", "x floor", "+db us/deliv", "client CPU")  # fmt: skip
+                "CPU us/deliv", "x floor", "+db us/deliv", "GC max ms", "client CPU")  # fmt: skip
         body = [
             (r["scenario"], r["n"], r["server"], r["deliveries_per_s"], r["p50_ms"], r["p99_ms"],
              r["max_ms"], r["lost"], r["cpu_us_per_delivery"],
              r["ratio_to_floor"]["cpu_us_per_delivery"], r["helper_cpu_us_per_delivery"],
-             f"{r['client_cpu_share']:.0%}")
+             _gc_cell(r), f"{r['client_cpu_share']:.0%}")
             for r in fanout
         ]  # fmt: skip
-        lines += _columns(head, body)
+        sections.append(_columns(head, body))
     idle = [r for r in rows if r["scenario"] == "idle"]
     if idle:
-        lines.append("")
         head = ("scenario", "N", "server", "KB/conn", "x floor", "connect s", "conn/s")
         body = [
             (r["scenario"], r["n"], r["server"], r["kb_per_connection"],
              r["ratio_to_floor"]["kb_per_connection"], r["connect_s"], r["connects_per_s"])
             for r in idle
         ]  # fmt: skip
-        lines += _columns(head, body)
+        sections.append(_columns(head, body))
     durable = [r for r in rows if r["scenario"] == "durable"]
     if durable:
-        lines.append("")
         head = ("scenario", "P", "rooms", "server", "acks/s", "200/s", "202/s", "p50 ms",
                 "p99 ms", "max ms", "errors", "CPU us/pub", "+db us/pub", "client CPU")  # fmt: skip
         body = [
@@ -172,9 +220,38 @@ def render_table(rows: list[dict]) -> str:
              f"{r['client_cpu_share']:.0%}")
             for r in durable
         ]  # fmt: skip
-        lines += _columns(head, body)
-        lines += [f"durable cores: {r['cores']}" for r in durable]
-    return "\n".join(lines)
+        sections.append(_columns(head, body) + [f"durable cores: {r['cores']}" for r in durable])
+    presence = [r for r in rows if r["scenario"] == "presence"]
+    if presence:
+        head = ("scenario", "N", "server", "join s", "joins/s", "CPU us/join", "+db us/join",
+                "settled s", "listed", "query ms", "client CPU")  # fmt: skip
+        body = [
+            (r["scenario"], r["n"], r["server"], r["join_s"], r["joins_per_s"],
+             r["cpu_us_per_join"], r["postgres_cpu_us_per_join"],
+             r["settled_s"] if r["settled"] else f">{r['settled_s']}", r["presence_users"],
+             r["presence_query_ms"], f"{r['client_cpu_share']:.0%}")
+            for r in presence
+        ]  # fmt: skip
+        sections.append(_columns(head, body))
+    slow = [r for r in rows if r["scenario"] == "slow"]
+    if slow:
+        head = ("scenario", "N", "stalled", "server", "p99 ms alone", "p99 ms", "x p99", "lost",
+                "RSS +KB alone", "RSS +KB", "dropped", "GC max ms")  # fmt: skip
+        body = [
+            (r["scenario"], r["n"], r["stalled"], r["server"], r["baseline_p99_ms"], r["p99_ms"],
+             r["p99_ratio"], r["lost"], r["baseline_rss_growth_kb"], r["rss_growth_kb"],
+             r["stalled_dropped"], _gc_cell(r))
+            for r in slow
+        ]  # fmt: skip
+        sections.append(_columns(head, body))
+    return "\n\n".join("\n".join(lines) for lines in sections)
+
+
+def _gc_cell(row: dict) -> str:
+    # An upper bound (the gauge could not tell the exact longest pause) is marked <=.
+    if row["gc_max_ms"] is None:
+        return "-"
+    return f"{'' if row['gc_max_exact'] else '<='}{row['gc_max_ms']:.2f}"
 
 
 def _columns(head: tuple[str, ...], body: list[tuple[object, ...]]) -> list[str]:
@@ -184,39 +261,31 @@ def _columns(head: tuple[str, ...], body: list[tuple[object, ...]]) -> list[str]
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Run every (N, server) pair of *args* and return the results document."""
+    """Run every scenario of *args* on its servers and return the results document."""
     _raise_file_limit()
-    hearth: Hearth | None = Hearth() if "hearth" in args.servers else None
-    if hearth is not None:
-        hearth.prepare()  # PostgreSQL starts on the server core, before we leave it.
+    database = HearthDatabase() if _hearth_kinds(args.servers) else None
+    if database is not None:
+        database.prepare()  # PostgreSQL starts on the server core, before we leave it.
     pin(0, CLIENT_CORE)
     rows: list[dict] = []
-    fanout_or_idle = {"fanout", "idle"} & set(args.scenarios)
     try:
-        for n, rate in zip(args.subscribers, args.rates, strict=True):
-            if not fanout_or_idle:
-                break
+        if {"fanout", "idle"} & set(args.scenarios):
+            for n, rate in zip(args.subscribers, args.rates, strict=True):
+                for name in args.servers:
+                    rows += _fanout_and_idle(name, database, n, rate, args)
+        if "durable" in args.scenarios and database is not None:
+            rows.append(_durable(database, args))
+        if "presence" in args.scenarios and database is not None:
+            tokens = database.create_users(args.presence_users)
+            database.create_rooms([PRESENCE_ROOM])
+            for name in _hearth_kinds(args.servers):
+                rows.append(_presence(name, database, tokens, args))
+        if "slow" in args.scenarios:
             for name in args.servers:
-                server: Server = hearth if name == "hearth" and hearth else KINDS[name]()
-                print(
-                    f"# fanout N={n} server={name} rate={rate}/s ...", file=sys.stderr, flush=True
-                )
-                server.start()
-                try:
-                    fanout, idle = asyncio.run(
-                        run_fanout(server, n, rate, args.duration, args.drain)
-                    )
-                finally:
-                    server.stop()
-                if "fanout" in args.scenarios:
-                    rows.append({"scenario": "fanout", "n": n, "server": name, **fanout})
-                if "idle" in args.scenarios:
-                    rows.append({"scenario": "idle", "n": n, "server": name, **idle})
-        if "durable" in args.scenarios and hearth is not None:
-            rows.append(_durable(hearth, args))
+                rows.append(_slow(name, database, args))
     finally:
-        if hearth is not None:
-            hearth.cleanup()
+        if database is not None:
+            database.cleanup()
     add_ratios(rows)
     return {
         "started_at": args.started_at,
@@ -237,27 +306,61 @@ def run(args: argparse.Namespace) -> dict:
             "scenarios": args.scenarios,
             "publishers": args.publishers,
             "rooms": args.rooms,
+            "presence_users": args.presence_users,
+            "slow_subscribers": args.slow_subscribers,
+            "slow_rate": args.slow_rate,
+            "slow_duration_s": args.slow_duration,
+            "slow_content_length": SLOW_CONTENT_LENGTH,
+            "slow_send_buffer": SLOW_SEND_BUFFER,
         },
         "rows": rows,
     }
 
 
-def _durable(hearth: Hearth, args: argparse.Namespace) -> dict:
-    print(
-        f"# durable P={args.publishers} rooms={args.rooms} server=hearth ...",
-        file=sys.stderr,
-        flush=True,
-    )
-    hearth.create_rooms(durable_rooms(args.rooms))
+def _say(what: str) -> None:
+    print(f"# {what} ...", file=sys.stderr, flush=True)
+
+
+def _run_on(server: Server, work: Coroutine[Any, Any, T]) -> T:
+    """Start *server*, run the load generator's *work* against it, stop it."""
+    try:
+        server.start()
+    except BaseException:
+        work.close()  # never started: no "never awaited" warning on top of the error
+        raise
+    try:
+        return asyncio.run(work)
+    finally:
+        server.stop()
+
+
+def _fanout_and_idle(
+    name: str, database: HearthDatabase | None, n: int, rate: float, args: argparse.Namespace
+) -> list[dict]:
+    _say(f"fanout N={n} server={name} rate={rate}/s")
+    server = make_server(name, database)
+    fanout, idle = _run_on(server, run_fanout(server, n, rate, args.duration, args.drain))
+    rows = []
+    if "fanout" in args.scenarios:
+        rows.append({"scenario": "fanout", "n": n, "server": name, **fanout})
+    if "idle" in args.scenarios:
+        rows.append({"scenario": "idle", "n": n, "server": name, **idle})
+    return rows
+
+
+def _durable(database: HearthDatabase, args: argparse.Namespace) -> dict:
+    _say(f"durable P={args.publishers} rooms={args.rooms} server=hearth")
+    database.create_rooms(durable_rooms(args.rooms))
+    hearth = Hearth(database)
     hearth.start()
     # PostgreSQL leaves the server's core, so the server's CPU is not shared with it;
     # its fresh backends inherit the postmaster's new affinity.
-    moved = hearth.pin_postgres(CLIENT_CORE)
+    moved = database.pin_postgres(CLIENT_CORE)
     try:
         durable = asyncio.run(run_durable(hearth, args.publishers, args.rooms, args.duration))
     finally:
         hearth.stop()
-        hearth.pin_postgres(SERVER_CORE)
+        database.pin_postgres(SERVER_CORE)
     if not pinning_available():
         cores = "unpinned: server, PostgreSQL and load generator share every core"
     elif moved:
@@ -273,6 +376,56 @@ def _durable(hearth: Hearth, args: argparse.Namespace) -> dict:
         "postgres_core": CLIENT_CORE if moved else SERVER_CORE,
         "cores": cores,
         **durable,
+    }
+
+
+def _presence(
+    name: str, database: HearthDatabase, tokens: list[str], args: argparse.Namespace
+) -> dict:
+    _say(f"presence N={len(tokens)} server={name}")
+    server = make_server(name, database)
+    assert isinstance(server, Hearth)
+    presence = _run_on(server, run_presence(server, tokens, args.drain))
+    return {"scenario": "presence", "n": len(tokens), "server": name, **presence}
+
+
+def _slow(name: str, database: HearthDatabase | None, args: argparse.Namespace) -> dict:
+    """The fan-out with and without stalled readers, on a fresh server each time."""
+    n, rate = args.slow_subscribers, args.slow_rate
+    stalled = max(1, round(n * STALLED_SHARE))
+    runs = []
+    for stalling in (0, stalled):
+        _say(f"slow N={n} stalled={stalling} server={name} rate={rate}/s")
+        server = make_server(name, database, SLOW_SEND_BUFFER)
+        fanout, _ = _run_on(
+            server,
+            run_fanout(
+                server, n, rate, args.slow_duration, args.drain,
+                stalled=stalling, content_length=SLOW_CONTENT_LENGTH,
+            ),
+        )  # fmt: skip
+        runs.append(fanout)
+    alone, slow = runs
+    return {
+        "scenario": "slow",
+        "n": n,
+        "server": name,
+        "stalled": slow["stalled"],
+        "baseline_p99_ms": alone["p99_ms"],
+        "p99_ms": slow["p99_ms"],
+        "p99_ratio": _ratio(slow["p99_ms"], alone["p99_ms"]),
+        "expected": slow["expected"],
+        "received": slow["received"],
+        "lost": slow["lost"],
+        "baseline_lost": alone["lost"],
+        "baseline_rss_growth_kb": alone["rss_growth_kb"],
+        "rss_growth_kb": slow["rss_growth_kb"],
+        "stalled_dropped": slow["stalled_dropped"],
+        "slow_client_drops": slow["slow_client_drops"],
+        "gc_max_ms": slow["gc_max_ms"],
+        "gc_max_exact": slow["gc_max_exact"],
+        "baseline": alone,
+        "run": slow,
     }
 
 

@@ -5,9 +5,9 @@ A text frame from any client goes to every other connected socket; nothing else.
 
 from __future__ import annotations
 
-import argparse
-
 from aiohttp import WSMsgType, web
+
+from bench.serving import serve
 
 #: Every open WebSocket of this server.
 SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets", set)
@@ -43,10 +43,7 @@ def create_app() -> web.Application:
 
 def main() -> None:
     """Serve on 127.0.0.1:*--port* until killed."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    web.run_app(create_app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    serve(create_app, __doc__)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,27 @@ substring search, never decoding JSON.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
 import resource
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from bench.servers import DURABLE_ROOM_PREFIX, Hearth, Server, cpu_seconds, rss_kb
+from bench.servers import (
+    DURABLE_ROOM_PREFIX,
+    PRESENCE_ROOM,
+    GcRecord,
+    Hearth,
+    Server,
+    cpu_seconds,
+    rss_kb,
+)
 
 #: Marks the send time in a payload; no other frame of any server contains it.
 STAMP = "~T="
@@ -26,12 +37,121 @@ CONTENT_LENGTH = 100
 CONNECT_CONCURRENCY = 50
 #: Seconds a durable publisher waits for its ctrl before it gives up and counts an error.
 ACK_TIMEOUT = 30.0
+#: The slow-consumer scenario's content length (below hearth's 4096-character limit): at
+#: 5 msg/s for 20 s a stalled reader's backlog reaches 400 KB, where at 100 it would stay
+#: within what every server buffers before it pushes back.
+SLOW_CONTENT_LENGTH = 4000
+#: The slow-consumer scenario's kernel send buffer per connection, the same for every
+#: server (hearth: HEARTH_WS_SEND_BUFFER). Left to autotuning, Linux lets a stalled
+#: loopback socket absorb about 3 MB, and no server would notice the stall within a run.
+SLOW_SEND_BUFFER = 16384
+#: Receive buffer of a stalled reader's socket: small, so the server feels it stall soon.
+STALLED_RECEIVE_BUFFER = 4096
+#: Seconds after a run before the stalled readers are checked: hearth drops a client whose
+#: send has been stuck for HEARTH_SEND_TIMEOUT (5 s), and checking means reading, which
+#: unsticks it.
+DROP_GRACE = 6.0
+#: Seconds a checked stalled reader has to show its server closed it.
+DROP_CHECK_SECONDS = 2.0
 
 
-def make_content(number: int) -> str:
-    """A ~100-character content embedding *number* and the monotonic time of now."""
+def make_content(number: int, length: int = CONTENT_LENGTH) -> str:
+    """A *length*-character content embedding *number* and the monotonic time of now."""
     head = f"{STAMP}{time.monotonic():.6f} ~S={number} "
-    return head + "x" * max(0, CONTENT_LENGTH - len(head))
+    return head + "x" * max(0, length - len(head))
+
+
+class StalledReader:
+    """A client WebSocket on a bare socket that reads only during its handshake.
+
+    Unlike aiohttp's client, which keeps reading into its own buffer, nothing reads this
+    socket once the handshake is done: the kernel's buffers fill and the server sees a
+    client that stopped reading. Speaks just enough RFC 6455 for the handshakes.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int, path: str) -> StalledReader:
+        """Open a WebSocket to 127.0.0.1:*port* at *path*, with a small receive buffer."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # Set before connecting, so the window the server may fill is small from the start.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STALLED_RECEIVE_BUFFER)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        # A small stream limit keeps the stream from reading far ahead into its own buffer.
+        reader, writer = await asyncio.open_connection(sock=sock, limit=STALLED_RECEIVE_BUFFER)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            writer.close()
+            raise RuntimeError(f"WebSocket upgrade refused: {head[:80]!r}")
+        return cls(reader, writer)
+
+    async def send_str(self, data: str) -> None:
+        """Send *data* as one masked text frame."""
+        self._send(0x1, data.encode())
+        await self.writer.drain()
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        size = len(payload)
+        if size < 126:
+            head = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
+        elif size < 1 << 16:
+            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
+        mask = os.urandom(4)
+        masked = int.from_bytes(payload, "big") ^ int.from_bytes(
+            (mask * (size // 4 + 1))[:size], "big"
+        )
+        self.writer.write(head + mask + masked.to_bytes(size, "big"))
+
+    async def receive_str(self, *, timeout: float | None = None) -> str:
+        """The next text frame; protocol pings are answered on the way."""
+        async with asyncio.timeout(timeout):
+            while True:
+                first, second = await self.reader.readexactly(2)
+                size = second & 0x7F
+                if size == 126:
+                    (size,) = struct.unpack("!H", await self.reader.readexactly(2))
+                elif size == 127:
+                    (size,) = struct.unpack("!Q", await self.reader.readexactly(8))
+                payload = await self.reader.readexactly(size)
+                opcode = first & 0x0F
+                if opcode == 0x1:
+                    return payload.decode()
+                if opcode == 0x8:
+                    raise ConnectionError("server closed the WebSocket")
+                if opcode == 0x9:
+                    self._send(0xA, payload)
+
+    async def was_dropped(self) -> bool:
+        """Read what the server sent; True if it closed the connection.
+
+        Reading lets a server blocked on this client go on, so call it only once the
+        run's figures are taken.
+        """
+        try:
+            async with asyncio.timeout(DROP_CHECK_SECONDS):
+                while await self.reader.read(1 << 16):
+                    pass
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            pass
+        return True
+
+    def close(self) -> None:
+        """Drop the connection without a close handshake."""
+        self.writer.transport.abort()
 
 
 @dataclass
@@ -101,16 +221,26 @@ def _client_cpu() -> float:
 
 
 async def run_fanout(
-    server: Server, subscribers: int, rate: float, duration: float, drain: float
+    server: Server,
+    subscribers: int,
+    rate: float,
+    duration: float,
+    drain: float,
+    *,
+    stalled: int = 0,
+    content_length: int = CONTENT_LENGTH,
 ) -> tuple[dict, dict]:
     """Fan-out: *subscribers* on the room, one publisher at *rate* msg/s for *duration* s.
 
     Waits up to *drain* seconds after the last publish for deliveries still under way.
-    Returns the fan-out figures and the idle figures of the connection phase (memory per
-    connection, connect time).
+    *stalled* of the subscribers are `StalledReader` s that stop reading once subscribed;
+    the latencies and losses are the other subscribers'. Publishes carry *content_length*
+    characters. Returns the fan-out figures and the idle figures of the connection phase
+    (memory per connection, connect time).
     """
     receiver = Receiver()
     errors: list[str] = []
+    stalled_readers: list[StalledReader] = []
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -122,15 +252,22 @@ async def run_fanout(
             await asyncio.sleep(0.5)
             rss_before = rss_kb(server.pid)
             gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+            # Spread the stalled readers evenly over the connection order.
+            every = subscribers // stalled if stalled else 0
 
-            async def connect() -> None:
+            async def connect(number: int) -> None:
                 async with gate:
+                    if every and number % every == 0 and len(stalled_readers) < stalled:
+                        reader = await StalledReader.connect(server.port, server.subscriber_path)
+                        stalled_readers.append(reader)
+                        await server.join_room(reader)
+                        return
                     ws = await server.open_subscriber(session)
                 sockets.append(ws)
                 tasks.append(asyncio.create_task(_subscribe(ws, receiver)))
 
             connect_started = time.monotonic()
-            await asyncio.gather(*(connect() for _ in range(subscribers)))
+            await asyncio.gather(*(connect(number) for number in range(subscribers)))
             connect_seconds = time.monotonic() - connect_started
             await asyncio.sleep(1.0)
             rss_after = rss_kb(server.pid)
@@ -145,7 +282,9 @@ async def run_fanout(
             tasks.append(asyncio.create_task(_drain(publisher, errors)))
 
             messages = max(1, round(rate * duration))
-            expected = receiver.expected = messages * subscribers
+            readers = subscribers - len(stalled_readers)
+            expected = receiver.expected = messages * readers
+            gc_before = await _gc_record(server, session)
             cpu_before = cpu_seconds(server.pid)
             extra_before = server.extra_cpu_seconds()
             client_before = _client_cpu()
@@ -154,30 +293,40 @@ async def run_fanout(
                 delay = started + number / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                await publisher.send_str(server.pub_frame(make_content(number), number))
+                content = make_content(number, content_length)
+                await publisher.send_str(server.pub_frame(content, number))
             sent_at = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(receiver.complete.wait(), drain)
             finished = time.monotonic()
+            # What arrives later (say once the drop check unblocks a server) is not the run's.
+            latencies, last_delivery = receiver.latencies[:], receiver.last_delivery
             cpu = cpu_seconds(server.pid) - cpu_before
             extra = server.extra_cpu_seconds() - extra_before
             client_cpu = _client_cpu() - client_before
+            rss_end = rss_kb(server.pid)
+            gc_after = await _gc_record(server, session)
+            dropped = await _stalled_dropped(server, session, stalled_readers)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for reader in stalled_readers:
+                reader.close()
             await asyncio.gather(
                 *(asyncio.wait_for(ws.close(), 5) for ws in sockets), return_exceptions=True
             )
 
-    received = len(receiver.latencies)
-    ordered = sorted(receiver.latencies)
-    span = max(receiver.last_delivery, sent_at) - started
+    received = len(latencies)
+    ordered = sorted(latencies)
+    span = max(last_delivery, sent_at) - started
     per_delivery = 1e6 / received if received else float("nan")
     fanout = {
         "subscribers": subscribers,
+        "stalled": len(stalled_readers),
         "rate": rate,
         "duration_s": duration,
+        "content_length": content_length,
         "published": messages,
         "expected": expected,
         "received": received,
@@ -195,8 +344,124 @@ async def run_fanout(
         "client_cpu_s": round(client_cpu, 3),
         "client_cpu_share": round(client_cpu / (finished - started), 3),
         "client_pid": os.getpid(),
+        "rss_start_kb": rss_after,
+        "rss_end_kb": rss_end,
+        "rss_growth_kb": rss_end - rss_after,
+        **dropped,
+        **_gc_during(gc_before, gc_after),
     }
     return fanout, idle
+
+
+async def _gc_record(server: Server, session: aiohttp.ClientSession) -> GcRecord | None:
+    return await server.gc_record(session) if isinstance(server, Hearth) else None
+
+
+def _gc_during(before: GcRecord | None, after: GcRecord | None) -> dict[str, object]:
+    if before is None or after is None:
+        return {"gc_collections": None, "gc_max_ms": None, "gc_max_exact": None}
+    return after.since(before)
+
+
+async def _stalled_dropped(
+    server: Server, session: aiohttp.ClientSession, readers: list[StalledReader]
+) -> dict[str, int | None]:
+    """How many stalled readers the server closed; for hearth also its own count."""
+    if not readers:
+        return {"stalled_dropped": 0, "slow_client_drops": None}
+    await asyncio.sleep(DROP_GRACE)
+    # Asked first: reading the stalled sockets below could let a stuck send complete.
+    drops = await server.slow_client_drops(session) if isinstance(server, Hearth) else None
+    closed = await asyncio.gather(*(reader.was_dropped() for reader in readers))
+    return {"stalled_dropped": sum(closed), "slow_client_drops": drops}
+
+
+async def _watch_joins(
+    ws: aiohttp.ClientWebSocketResponse, others: int, seen: asyncio.Event
+) -> None:
+    # Counts the *others* users' joined events; sets *seen* once they have all arrived.
+    joined = 0
+    while joined < others:
+        msg = await ws.receive()
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            return
+        if '"joined"' in msg.data:
+            joined += 1
+    seen.set()
+
+
+async def run_presence(server: Hearth, tokens: list[str], settle: float) -> dict:
+    """Presence: one user per token of *tokens* authenticates and joins one room.
+
+    The first user joins alone, then the others CONNECT_CONCURRENCY at a time. Reported:
+    the time until every join is answered, the server's CPU per join (each one fans a
+    joined event out to everyone already there), the time until the first user has seen
+    every other user's joined event (waiting at most *settle* s after the last join), and
+    what a ``presence`` query lists afterwards.
+    """
+    users = len(tokens)
+    seen = asyncio.Event()
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+    url = f"http://127.0.0.1:{server.port}/ws"
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        tasks: list[asyncio.Task[None]] = []
+        sockets: list[aiohttp.ClientWebSocketResponse] = []
+        try:
+            gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+            async def join(token: str) -> aiohttp.ClientWebSocketResponse:
+                async with gate:
+                    ws = await session.ws_connect(url, autoping=True)
+                    sockets.append(ws)
+                    await server.join(ws, token, PRESENCE_ROOM)
+                return ws
+
+            cpu_before = cpu_seconds(server.pid)
+            extra_before = server.extra_cpu_seconds()
+            client_before = _client_cpu()
+            started = time.monotonic()
+            first = await join(tokens[0])
+            tasks.append(asyncio.create_task(_watch_joins(first, users - 1, seen)))
+            # Only the first user's events are read: the others' (N²/2 in all) wait in the
+            # kernel's buffers, or the load generator, not the server, would set the pace.
+            await asyncio.gather(*(join(token) for token in tokens[1:]))
+            joined_at = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(seen.wait(), settle)
+            settled_at = time.monotonic()
+            cpu = cpu_seconds(server.pid) - cpu_before
+            extra = server.extra_cpu_seconds() - extra_before
+            client_cpu = _client_cpu() - client_before
+            # Asked by the bench user, who is authenticated but not in the room.
+            query = await server.open_publisher(session)
+            sockets.append(query)
+            asked = time.monotonic()
+            present = await server.present(query, PRESENCE_ROOM)
+            answered = time.monotonic()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(
+                *(asyncio.wait_for(ws.close(), 5) for ws in sockets), return_exceptions=True
+            )
+
+    return {
+        "users": users,
+        "join_s": round(joined_at - started, 3),
+        "joins_per_s": round(users / (joined_at - started), 1),
+        "settled": seen.is_set(),
+        "settled_s": round(settled_at - started, 3),
+        "server_cpu_s": round(cpu, 3),
+        "cpu_us_per_join": round(cpu * 1e6 / users, 1),
+        "postgres_cpu_us_per_join": round(extra * 1e6 / users, 1),
+        "presence_users": len(present),
+        "presence_query_ms": round((answered - asked) * 1e3, 2),
+        "client_cpu_s": round(client_cpu, 3),
+        "client_cpu_share": round(client_cpu / (settled_at - started), 3),
+        "client_pid": os.getpid(),
+    }
 
 
 def durable_rooms(rooms: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""The three servers under test, each started pinned to the server core, and their wire formats.
+"""The servers under test, each started pinned to the server core, and their wire formats.
 
 Each kind knows how to start its server, how a client opens a subscriber or a publisher
 connection, and how a publish frame looks on its wire.
@@ -13,9 +13,12 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.services import LocalPostgres, free_port, wait_for_port
 
@@ -29,10 +32,15 @@ BENCH_PASSWORD = "bench-password-not-secret"
 BENCH_ROOM = "lobby"
 #: The durable scenario's rooms are this prefix and a number from 0.
 DURABLE_ROOM_PREFIX = "durable-"
+#: The presence scenario's room, and the prefix of its users' names (a number follows).
+PRESENCE_ROOM = "presence"
+PRESENCE_USER_PREFIX = "presence-"
 
 
 #: The cores this process could use at start, before the benchmark pinned itself to one.
-STARTING_CORES = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else ()
+STARTING_CORES = (
+    frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+)
 
 
 def pinning_available() -> bool:
@@ -66,6 +74,14 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+class WebSocketLike(Protocol):
+    """What a handshake needs of a client WebSocket: aiohttp's, or the generator's raw one."""
+
+    async def send_str(self, data: str) -> None: ...  # noqa: D102
+
+    async def receive_str(self, *, timeout: float | None = None) -> str: ...  # noqa: D102
+
+
 def _pinned_to_server_core() -> None:
     pin(0, SERVER_CORE)
 
@@ -76,8 +92,10 @@ class Server:
     #: Short name in tables and JSON.
     name = ""
 
-    def __init__(self) -> None:
+    def __init__(self, send_buffer: int = 0) -> None:
         self.port = free_port()
+        #: Kernel send buffer of each client connection in bytes; 0: the kernel's autotuning.
+        self.send_buffer = send_buffer
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -104,6 +122,10 @@ class Server:
         """Start the server and wait until it accepts connections."""
         raise NotImplementedError
 
+    def _serving_args(self) -> list[str]:
+        # The command line bench.serving gives the floor and the socketio peer.
+        return ["--port", str(self.port), "--send-buffer", str(self.send_buffer)]
+
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 10 s)."""
         if self.process is None or self.process.poll() is not None:
@@ -119,11 +141,21 @@ class Server:
         """CPU seconds of helper processes the server leans on (PostgreSQL for hearth)."""
         return 0.0
 
+    #: The path a subscriber's WebSocket opens.
+    subscriber_path = "/ws"
+
     async def open_subscriber(
         self, session: aiohttp.ClientSession
     ) -> aiohttp.ClientWebSocketResponse:
         """A connection that receives every publish of the room from now on."""
-        raise NotImplementedError
+        ws = await session.ws_connect(
+            f"http://127.0.0.1:{self.port}{self.subscriber_path}", autoping=True
+        )
+        await self.join_room(ws)
+        return ws
+
+    async def join_room(self, ws: WebSocketLike) -> None:
+        """Turn the fresh WebSocket *ws* into a subscriber of the room (any client kind)."""
 
     async def open_publisher(
         self, session: aiohttp.ClientSession
@@ -142,12 +174,10 @@ class Floor(Server):
     name = "floor"
 
     def start(self) -> None:  # noqa: D102
-        self._spawn([sys.executable, "-m", "bench.floor", "--port", str(self.port)])
+        self._spawn([sys.executable, "-m", "bench.floor", *self._serving_args()])
 
-    async def open_subscriber(self, session):  # noqa: D102
-        return await session.ws_connect(f"http://127.0.0.1:{self.port}/ws", autoping=True)
-
-    open_publisher = open_subscriber
+    async def open_publisher(self, session):  # noqa: D102
+        return await self.open_subscriber(session)
 
     def pub_frame(self, content, number):  # noqa: D102
         return content
@@ -157,14 +187,12 @@ class SocketIO(Server):
     """bench/socketio_server.py, spoken to in raw Engine.IO v4 / Socket.IO v5 frames."""
 
     name = "socketio"
+    subscriber_path = "/socket.io/?EIO=4&transport=websocket"
 
     def start(self) -> None:  # noqa: D102
-        self._spawn([sys.executable, "-m", "bench.socketio_server", "--port", str(self.port)])
+        self._spawn([sys.executable, "-m", "bench.socketio_server", *self._serving_args()])
 
-    async def open_subscriber(self, session):  # noqa: D102
-        ws = await session.ws_connect(
-            f"http://127.0.0.1:{self.port}/socket.io/?EIO=4&transport=websocket", autoping=True
-        )
+    async def join_room(self, ws):  # noqa: D102
         opened = await ws.receive_str(timeout=30)  # "0{sid, pingInterval, ...}"
         if not opened.startswith("0"):
             raise RuntimeError(f"unexpected Engine.IO open: {opened[:80]}")
@@ -173,35 +201,31 @@ class SocketIO(Server):
         while not (reply := await ws.receive_str(timeout=30)).startswith("40"):
             if reply == "2":
                 await ws.send_str("3")
-        return ws
 
-    open_publisher = open_subscriber
+    async def open_publisher(self, session):  # noqa: D102
+        return await self.open_subscriber(session)
 
     def pub_frame(self, content, number):  # noqa: D102
         return '42["pub",' + json.dumps(content) + "]"
 
 
-class Hearth(Server):
-    """The real server, ``python -m app serve``, against its own throwaway PostgreSQL."""
-
-    name = "hearth"
+class HearthDatabase:
+    """hearth's throwaway PostgreSQL and data folder, shared by every hearth kind of a run."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.folder = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
         # The postgres system user must be able to enter it when we run as root.
         self.folder.chmod(0o755)
         self.postgres = LocalPostgres(self.folder / "pg", free_port())
-        self.token = ""
-        self.run_id = uuid.uuid4().hex[:8]
-        self._requests = 0
         self._rooms = {BENCH_ROOM}
+        # Presence users' tokens are this secret and the user's name; see create_users.
+        self._token_prefix = f"bench-{uuid.uuid4().hex}-"
+        self._users = 0
 
     def env(self) -> dict[str, str]:
-        """The environment of every hearth command of the benchmark."""
+        """The environment of every hearth command of the benchmark, the port aside."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("HEARTH_")}
         env.update(
-            HEARTH_PORT=str(self.port),
             HEARTH_DATABASE_URL=self.postgres.dsn,
             HEARTH_LOG_LEVEL="WARNING",
             HEARTH_LOG_DIR="",
@@ -249,15 +273,35 @@ class Hearth(Server):
                 self._cli("room", "create", name)
                 self._rooms.add(name)
 
-    def start(self) -> None:  # noqa: D102
+    def create_users(self, count: int) -> list[str]:
+        """Make sure *count* presence users exist and return a login token for each.
+
+        One SQL statement makes every missing user and its token: a CLI process (and a
+        scrypt hash) per user would take minutes at N=1000. Nobody can log in with their
+        password; the tokens are what they authenticate with.
+        """
         self.prepare()
-        self.token = ""
-        self.run_id = uuid.uuid4().hex[:8]
-        self._spawn([sys.executable, "-m", "app", "serve"], env=self.env())
+        if count > self._users:
+            self.postgres.psql(
+                f"""
+                WITH made AS (
+                    INSERT INTO users (id, username, password_hash)
+                    SELECT gen_random_uuid(), '{PRESENCE_USER_PREFIX}' || number, '!'
+                    FROM generate_series({self._users}, {count - 1}) AS number
+                    RETURNING id, username
+                )
+                INSERT INTO auth_tokens (token_hash, user_id, expires_at)
+                SELECT sha256(convert_to('{self._token_prefix}' || username, 'UTF8')), id,
+                       now() + interval '1 day'
+                FROM made
+                """,
+                database=self.postgres.database,
+            )
+            self._users = count
+        return [f"{self._token_prefix}{PRESENCE_USER_PREFIX}{number}" for number in range(count)]
 
     def cleanup(self) -> None:
-        """Stop hearth and PostgreSQL and delete their files."""
-        self.stop()
+        """Stop PostgreSQL and delete its files."""
         try:
             self.postgres.stop("immediate")
         finally:
@@ -296,7 +340,8 @@ class Hearth(Server):
                 moved = False
         return moved
 
-    def extra_cpu_seconds(self) -> float:  # noqa: D102
+    def cpu_seconds(self) -> float:
+        """CPU seconds every PostgreSQL process alive now has used."""
         total = 0.0
         for pid in self.postgres_pids():
             try:
@@ -304,6 +349,75 @@ class Hearth(Server):
             except (OSError, ValueError):
                 continue
         return total
+
+
+@dataclass(frozen=True, slots=True)
+class GcRecord:
+    """hearth's garbage collection figures as its /metrics showed them at one moment."""
+
+    #: Collections timed so far, every generation.
+    collections: float
+    #: The longest pause so far (``hearth_gc_pause_max_seconds``).
+    longest_s: float
+    #: Upper bound of each histogram bucket -> pauses at most that long, every generation.
+    at_most: dict[float, float]
+
+    def since(self, earlier: GcRecord) -> dict[str, object]:
+        """The collections after *earlier* and the longest of them, in milliseconds.
+
+        Exact when that pause set a new record; otherwise the gauge cannot tell, and
+        ``gc_max_ms`` is an upper bound: the smallest bucket that holds every pause since,
+        or the earlier record if smaller.
+        """
+        pauses = self.collections - earlier.collections
+        if self.longest_s > earlier.longest_s:
+            longest, exact = self.longest_s, True
+        elif not pauses:
+            longest, exact = 0.0, True
+        else:
+            bound = min(
+                (le for le, n in self.at_most.items() if n - earlier.at_most.get(le, 0) == pauses),
+                default=float("inf"),
+            )
+            longest, exact = min(bound, earlier.longest_s), False
+        return {
+            "gc_collections": int(pauses),
+            "gc_max_ms": round(longest * 1e3, 2),
+            "gc_max_exact": exact,
+        }
+
+
+class Hearth(Server):
+    """The real server, ``python -m app serve``, against the run's throwaway PostgreSQL."""
+
+    name = "hearth"
+    #: HEARTH_EVENT_LOOP of the server process.
+    event_loop = "asyncio"
+
+    def __init__(self, database: HearthDatabase, send_buffer: int = 0) -> None:
+        super().__init__(send_buffer)
+        self.database = database
+        self.token = ""
+        self.run_id = uuid.uuid4().hex[:8]
+        self._requests = 0
+
+    def env(self) -> dict[str, str]:
+        """The environment of the server process."""
+        return {
+            **self.database.env(),
+            "HEARTH_PORT": str(self.port),
+            "HEARTH_EVENT_LOOP": self.event_loop,
+            "HEARTH_WS_SEND_BUFFER": str(self.send_buffer),
+        }
+
+    def start(self) -> None:  # noqa: D102
+        self.database.prepare()
+        self.token = ""
+        self.run_id = uuid.uuid4().hex[:8]
+        self._spawn([sys.executable, "-m", "app", "serve"], env=self.env())
+
+    def extra_cpu_seconds(self) -> float:  # noqa: D102
+        return self.database.cpu_seconds()
 
     async def login(self, session: aiohttp.ClientSession) -> None:
         """Get one token for every connection of the run (the login limit is per minute)."""
@@ -316,7 +430,7 @@ class Hearth(Server):
             response.raise_for_status()
             self.token = (await response.json())["token"]
 
-    async def _request(self, ws: aiohttp.ClientWebSocketResponse, frame: dict) -> dict:
+    async def _request(self, ws: WebSocketLike, frame: dict) -> dict:
         self._requests += 1
         request_id = f"r{self._requests}"
         await ws.send_str(json.dumps({**frame, "id": request_id}))
@@ -335,9 +449,49 @@ class Hearth(Server):
         return ws
 
     async def open_subscriber(self, session):  # noqa: D102
-        ws = await self.open_publisher(session)
-        await self._request(ws, {"op": "sub", "topic": f"room:{BENCH_ROOM}"})
-        return ws
+        await self.login(session)
+        return await super().open_subscriber(session)
+
+    async def join_room(self, ws):  # noqa: D102
+        await self.join(ws, self.token, BENCH_ROOM)
+
+    async def join(self, ws: WebSocketLike, token: str, room: str) -> None:
+        """Authenticate *ws* with *token* and subscribe it to *room*."""
+        await self._request(ws, {"op": "auth", "token": token})
+        await self._request(ws, {"op": "sub", "topic": f"room:{room}"})
+
+    async def present(self, ws: WebSocketLike, room: str) -> list[str]:
+        """The users the ``presence`` op lists for *room*, asked on *ws*."""
+        ctrl = await self._request(ws, {"op": "presence", "topic": f"room:{room}"})
+        return ctrl["params"]["users"]
+
+    async def _metrics(self, session: aiohttp.ClientSession) -> list:
+        async with session.get(f"http://127.0.0.1:{self.port}/metrics") as response:
+            response.raise_for_status()
+            text = await response.text()
+        return [
+            sample for family in text_string_to_metric_families(text) for sample in family.samples
+        ]
+
+    async def gc_record(self, session: aiohttp.ClientSession) -> GcRecord:
+        """hearth's garbage collection figures now, from its /metrics."""
+        collections, longest, at_most = 0.0, 0.0, dict[float, float]()
+        for sample in await self._metrics(session):
+            if sample.name == "hearth_gc_pause_seconds_count":
+                collections += sample.value
+            elif sample.name == "hearth_gc_pause_max_seconds":
+                longest = sample.value
+            elif sample.name == "hearth_gc_pause_seconds_bucket":
+                le = float(sample.labels["le"])
+                at_most[le] = at_most.get(le, 0.0) + sample.value
+        return GcRecord(collections, longest, at_most)
+
+    async def slow_client_drops(self, session: aiohttp.ClientSession) -> int:
+        """Clients hearth has dropped as too slow since it started."""
+        for sample in await self._metrics(session):
+            if sample.name == "hearth_slow_client_drops_total":
+                return int(sample.value)
+        return 0
 
     def pub_frame(self, content, number):  # noqa: D102
         return json.dumps(
@@ -367,5 +521,29 @@ class Hearth(Server):
         return request_id, frame
 
 
+class HearthUvloop(Hearth):
+    """hearth serving on uvloop's event loop (``HEARTH_EVENT_LOOP=uvloop``)."""
+
+    name = "hearth-uvloop"
+    event_loop = "uvloop"
+
+
 #: Every server kind, floor first: the others' ratios are taken against it.
-KINDS: dict[str, type[Server]] = {"floor": Floor, "socketio": SocketIO, "hearth": Hearth}
+KINDS: dict[str, type[Server]] = {
+    "floor": Floor,
+    "socketio": SocketIO,
+    "hearth": Hearth,
+    "hearth-uvloop": HearthUvloop,
+}
+
+
+def make_server(kind: str, database: HearthDatabase | None, send_buffer: int = 0) -> Server:
+    """A server of *kind* whose connections get *send_buffer* bytes of kernel send buffer.
+
+    Hearth kinds serve from *database*, which they need.
+    """
+    cls = KINDS[kind]
+    if issubclass(cls, Hearth):
+        assert database is not None, "hearth kinds need the run's database"
+        return cls(database, send_buffer)
+    return cls(send_buffer)

@@ -6,10 +6,10 @@ the room as ``msg``, skipping the sender, as the floor skips it.
 
 from __future__ import annotations
 
-import argparse
-
 import socketio
 from aiohttp import web
+
+from bench.serving import serve
 
 #: The one room of the benchmark.
 ROOM = "lobby"
@@ -34,10 +34,7 @@ def create_app() -> web.Application:
 
 def main() -> None:
     """Serve on 127.0.0.1:*--port* until killed."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    web.run_app(create_app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    serve(create_app, __doc__)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,17 @@ FANOUT_KEYS = {
     "cpu_us_per_delivery", "ratio_to_floor",
 }  # fmt: skip
 IDLE_KEYS = {"kb_per_connection", "connect_s", "connects_per_s", "ratio_to_floor"}
+FANOUT_KEYS |= {"gc_collections", "gc_max_ms", "gc_max_exact"}
+PRESENCE_KEYS = {
+    "join_s", "joins_per_s", "cpu_us_per_join", "settled", "settled_s", "presence_users",
+    "presence_query_ms",
+}  # fmt: skip
+SLOW_KEYS = {
+    "stalled", "baseline_p99_ms", "p99_ms", "p99_ratio", "lost", "rss_growth_kb",
+    "baseline_rss_growth_kb", "stalled_dropped",
+}  # fmt: skip
+HEARTH_KINDS = ["hearth", "hearth-uvloop"]
+ALL_KINDS = ["floor", "hearth", "hearth-uvloop", "socketio"]
 DURABLE_KEYS = {
     "acknowledged", "stored_200", "queued_202", "acks_per_s", "p50_ms", "p99_ms", "max_ms",
     "errors", "cpu_us_per_publish", "postgres_cpu_us_per_publish", "cores",
@@ -20,14 +31,14 @@ DURABLE_KEYS = {
 
 
 def test_quick_bench_delivers_everything_and_writes_json(tmp_path: Path) -> None:
-    """A quick run delivers every publish on all three servers, has hearth acknowledge durable
-    publishes without an error, and records the figures."""
+    """A quick run delivers every publish on every server kind, has hearth acknowledge durable
+    publishes, list every joined user and drop a stalled reader, and records the figures."""
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--output", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     written = list(tmp_path.glob("*.json"))
@@ -37,8 +48,8 @@ def test_quick_bench_delivers_everything_and_writes_json(tmp_path: Path) -> None
     assert {"started_at", "host", "settings", "rows"} <= document.keys()
     fanout = [r for r in document["rows"] if r["scenario"] == "fanout"]
     idle = [r for r in document["rows"] if r["scenario"] == "idle"]
-    assert sorted(r["server"] for r in fanout) == ["floor", "hearth", "socketio"]
-    assert sorted(r["server"] for r in idle) == ["floor", "hearth", "socketio"]
+    assert sorted(r["server"] for r in fanout) == ALL_KINDS
+    assert sorted(r["server"] for r in idle) == ALL_KINDS
     for row in fanout:
         assert FANOUT_KEYS <= row.keys(), row["server"]
         assert row["deliveries_per_s"] > 0, row
@@ -46,6 +57,11 @@ def test_quick_bench_delivers_everything_and_writes_json(tmp_path: Path) -> None
         assert row["lost"] == 0, row
         assert row["publish_errors"] == 0, row
         assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], row
+        if row["server"] in HEARTH_KINDS:
+            # The collector is timed: a 2 s run at 50 msg/s makes garbage.
+            assert row["gc_collections"] > 0 and row["gc_max_ms"] > 0, row
+        else:
+            assert row["gc_max_ms"] is None, row
     for row in idle:
         assert IDLE_KEYS <= row.keys(), row["server"]
         assert row["connections"] == 20
@@ -53,7 +69,7 @@ def test_quick_bench_delivers_everything_and_writes_json(tmp_path: Path) -> None
         next(r for r in fanout if r["server"] == "floor")["ratio_to_floor"]["cpu_us_per_delivery"]
         == 1.0
     )
-    for server in ("floor", "socketio", "hearth"):
+    for server in ALL_KINDS:
         assert f" {server} " in done.stdout
     durable = [r for r in document["rows"] if r["scenario"] == "durable"]
     assert [r["server"] for r in durable] == ["hearth"]
@@ -65,3 +81,24 @@ def test_quick_bench_delivers_everything_and_writes_json(tmp_path: Path) -> None
         assert row["errors"] == 0, row
         assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], row
     assert " durable " in done.stdout
+    presence = [r for r in document["rows"] if r["scenario"] == "presence"]
+    assert sorted(r["server"] for r in presence) == HEARTH_KINDS
+    for row in presence:
+        assert PRESENCE_KEYS <= row.keys()
+        assert row["n"] == row["presence_users"] == 20, row
+        assert row["settled"] and 0 < row["join_s"] <= row["settled_s"], row
+        assert row["cpu_us_per_join"] > 0, row
+    slow = [r for r in document["rows"] if r["scenario"] == "slow"]
+    assert sorted(r["server"] for r in slow) == ALL_KINDS
+    for row in slow:
+        assert SLOW_KEYS <= row.keys()
+        assert (row["n"], row["stalled"]) == (20, 1), row
+        assert row["received"] > 0 and row["p99_ratio"] > 0, row
+        assert row["run"]["expected"] == row["run"]["published"] * 19, row
+    for row in slow:
+        if row["server"] in HEARTH_KINDS:
+            # hearth drops the reader that stopped, and the others lose nothing.
+            assert row["stalled_dropped"] == row["slow_client_drops"] == 1, row
+            assert row["lost"] == 0, row
+    shown = {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
+    assert {"fanout", "idle", "durable", "presence", "slow"} <= shown

@@ -282,7 +282,7 @@ class Recorder:
 
     def frames(self) -> list[dict]:
         """Every frame offered so far (taken from the backlog)."""
-        backlog = self.connection._backlog
+        backlog = self.connection._backlog or []
         frames = [json.loads(entry) for entry in backlog if isinstance(entry, str)]
         backlog.clear()
         return frames
