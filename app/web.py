@@ -142,8 +142,6 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
     app.cleanup_ctx.append(_loop_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_supervisor_ctx(actors))
-    # Appended after cleanup_ctx, so it runs once every resource above has started.
-    app.on_startup.append(_freeze_startup_heap)
     app.on_shutdown.append(_begin_draining)
     return app
 
@@ -178,14 +176,6 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         log.bind(rooms=rooms).info("room directory seeded from its snapshot")
     yield
     await store.close()
-
-
-async def _freeze_startup_heap(app: web.Application) -> None:
-    metrics.install_gc_timer()
-    # What start-up built lives as long as the process: no collection need scan it again
-    # (its garbage is collected first, or it would be kept forever).
-    gc.collect()
-    gc.freeze()
 
 
 def _supervisor_ctx(actors: ActorFactory):
@@ -255,6 +245,12 @@ async def serve(settings: Settings) -> None:
     )
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port).start()
+    metrics.install_gc_timer()
+    # What start-up built lives as long as the process: no collection need scan it again
+    # (its garbage is collected first, or it would be kept forever). Only here, in the
+    # process that serves: tests build many apps in one process.
+    gc.collect()
+    gc.freeze()
     log.bind(host=settings.host, port=settings.port).info("serving")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -63,6 +63,8 @@ def test_values_are_parsed_by_type():
         ("HEARTH_DATABASE_URL", "mysql://u@h/db"),
         ("HEARTH_REDIS_URL", "http://h"),
         ("HEARTH_MAILBOX_SIZE", "0"),
+        ("HEARTH_EVENT_LOOP", "trio"),
+        ("HEARTH_TOKEN_RECHECK", "-1"),
     ],
 )
 def test_invalid_values_name_their_variable(variable, value):
