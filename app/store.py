@@ -54,7 +54,8 @@ UNIQUE_VIOLATION = "23505"
 #: Stores a room's batch of messages in one round trip, or finds copies stored before. The
 #: room's row lock (taken by the UPDATE) orders its seqs without gaps: the new messages take
 #: the next seqs in batch order. A repeat (same id, or same sender and client_msg_id) touches
-#: nothing and comes back with the first copy's id and seq. No row back for a message means
+#: nothing and comes back as the first copy (its room, seq and content: a client_msg_id
+#: names one message wherever it was sent). No row back for a message means
 #: there is no such room. Flags travel as one string per message, joined by FLAG_SEPARATOR.
 _INSERT_MESSAGES_SQL = """
 WITH input AS (
@@ -64,11 +65,14 @@ WITH input AS (
         WITH ORDINALITY AS t(id, sender, client_msg_id, content, content_enc, flags, created_at,
                              ord)
 ), existing AS (
-    SELECT DISTINCT ON (ord) ord, id, seq FROM (
-        SELECT i.ord, m.id, m.seq FROM input i JOIN messages m ON m.id = i.id
+    SELECT DISTINCT ON (ord) * FROM (
+        SELECT i.ord, m.id, m.room, m.seq, m.sender, m.client_msg_id, m.content,
+               m.content_enc, m.flags, m.created_at
+        FROM input i JOIN messages m ON m.id = i.id
         UNION ALL
-        SELECT i.ord, m.id, m.seq FROM input i
-        JOIN messages m ON m.sender = i.sender AND m.client_msg_id = i.client_msg_id
+        SELECT i.ord, m.id, m.room, m.seq, m.sender, m.client_msg_id, m.content,
+               m.content_enc, m.flags, m.created_at
+        FROM input i JOIN messages m ON m.sender = i.sender AND m.client_msg_id = i.client_msg_id
     ) found ORDER BY ord
 ), fresh AS (
     SELECT i.*, row_number() OVER (ORDER BY i.ord) AS n
@@ -85,9 +89,12 @@ WITH input AS (
     FROM fresh f CROSS JOIN bumped b
     RETURNING id, seq
 )
-SELECT f.ord, ins.id, ins.seq, true FROM inserted ins JOIN fresh f ON f.id = ins.id
+SELECT f.ord, true, ins.id, NULL, ins.seq, NULL, NULL, NULL, NULL::bytea, NULL::text[],
+       NULL::timestamptz
+FROM inserted ins JOIN fresh f ON f.id = ins.id
 UNION ALL
-SELECT ord, id, seq, false FROM existing
+SELECT ord, false, id, room, seq, sender, client_msg_id, content, content_enc, flags, created_at
+FROM existing
 """
 #: Joins a message's flags into one array element (flags are identifiers, never content).
 FLAG_SEPARATOR = "\x1f"
@@ -752,16 +759,18 @@ class Store:
             await cursor.execute(
                 "insert", "messages", _INSERT_MESSAGES_SQL, params, log_params=log_params
             )
-            found = {ord_: (str(id_), seq, new) for ord_, id_, seq, new in await cursor.fetchall()}
+            found = {row[0]: row[1:] for row in await cursor.fetchall()}
             outcomes: list[tuple[Message, bool] | NotFound] = []
             for number, message in enumerate(messages, start=1):
-                if number not in found:
+                row = found.get(number)
+                if row is None:
                     outcomes.append(
                         NotFound(text="room not found", params={"topic": f"room:{room}"})
                     )
-                    continue
-                message_id, seq, new = found[number]
-                outcomes.append((replace(message, id=message_id, seq=seq), new))
+                elif row[0]:  # new: the id and seq it got
+                    outcomes.append((replace(message, id=str(row[1]), seq=row[3]), True))
+                else:
+                    outcomes.append((self._open(row[1:]), False))
             return outcomes
 
         started = time.monotonic()

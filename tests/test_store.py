@@ -192,6 +192,19 @@ async def test_a_batch_takes_consecutive_seqs_in_its_order_and_finds_repeats(sto
     assert await store.latest_seq("lobby") == 4
 
 
+async def test_a_client_msg_id_reused_in_another_room_answers_as_the_first_copy(store):
+    """The same sender and client_msg_id sent to another room is a repeat of the first message: it comes back with the first copy's room, seq and content, and the other room stores nothing."""
+    await store.create_room("annex")
+    (first, _) = await store.insert_message(message(1, content="the original"))
+    elsewhere = message(1, room="annex", content="a different text")
+    [(again, new)] = await store.insert_messages("annex", [elsewhere])
+    assert not new
+    assert (again.id, again.room, again.seq, again.content) == (
+        first.id, "lobby", 1, "the original",
+    )  # fmt: skip
+    assert await store.history("annex", since=0) == []
+
+
 async def test_content_postgres_refuses_costs_only_its_own_message_in_a_batch(store):
     """A NUL byte (which validation refuses at the door) in the middle of a batch is refused alone: the others are stored gap-free."""
     poisoned = replace(message(2), content="nul \x00 inside")
