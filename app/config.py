@@ -47,6 +47,12 @@ class Settings:
     redis_url: str = setting(
         "HEARTH_REDIS_URL", "", "redis:// URL. Empty means local-only mode, no Redis."
     )
+    redis_timeout: float = setting(
+        "HEARTH_REDIS_TIMEOUT",
+        1.0,
+        "Deadline of one Redis command or connect (s); past it, the instance works locally.",
+        minimum=0.05,
+    )
     log_level: str = setting("HEARTH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR.")
     log_dir: str = setting(
         "HEARTH_LOG_DIR", "var/log", "Folder for hearth.log and errors.log. Empty: stdout only."

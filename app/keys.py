@@ -9,6 +9,8 @@ from aiohttp import web
 if TYPE_CHECKING:
     from weakref import WeakSet
 
+    import redis.asyncio as aioredis
+
     from actors.hub import Registry
     from actors.room_writer import Outlet
     from actors.supervisor import Supervisor
@@ -45,3 +47,8 @@ OUTLET: web.AppKey[Outlet] = web.AppKey("outlet")
 SPOOL: web.AppKey[Spool] = web.AppKey("spool")
 #: Names of the status feeds this instance serves (``status:<name>``).
 STATUS_TOPICS: web.AppKey[frozenset[str]] = web.AppKey("status_topics")
+#: The instance's Redis client, or None in local-only mode (no HEARTH_REDIS_URL). Commands
+#: fail fast (HEARTH_REDIS_TIMEOUT); callers fall back to local behaviour on any error.
+REDIS: web.AppKey[aioredis.Redis | None] = web.AppKey("redis")
+#: This process's id among the instances sharing Redis (random per start).
+INSTANCE_ID: web.AppKey[str] = web.AppKey("instance_id")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import secrets
 import signal
 import time
 import weakref
@@ -13,6 +14,7 @@ from typing import Any
 
 import aiohttp_jinja2
 import jinja2
+import redis.asyncio as aioredis
 from aiohttp import WSCloseCode, web
 from prometheus_async.aio.web import server_stats
 
@@ -141,6 +143,7 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES_DIR))
     app.cleanup_ctx.append(_loop_ctx)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_supervisor_ctx(actors))
     app.on_shutdown.append(_begin_draining)
     return app
@@ -176,6 +179,26 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         log.bind(rooms=rooms).info("room directory seeded from its snapshot")
     yield
     await store.close()
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One Redis client per instance (connecting lazily), or None in local-only mode."""
+    settings = app[keys.SETTINGS]
+    app[keys.INSTANCE_ID] = secrets.token_hex(6)
+    if not settings.redis_url:
+        app[keys.REDIS] = None
+        yield
+        return
+    client = aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
+    app[keys.REDIS] = client
+    yield
+    await client.aclose()
 
 
 def _supervisor_ctx(actors: ActorFactory):
