@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 export HEARTH_REDIS_URL ?= redis://127.0.0.1:56379/0
 
-.PHONY: run serve test stop clean lint services bench
+.PHONY: run serve test stop clean lint services bench cluster cluster-stop
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,12 +37,23 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	@# Fan-out and idle of the floor, python-socketio and hearth (asyncio and uvloop) at
-	@# N=1000 and 5000, hearth's durable publishes and presence of 1000 users, and every
-	@# server with 1% of 1000 subscribers stalled (under 15 minutes).
+	@# N=1000 and 5000, hearth's durable publishes, presence of 1000 users and delivery
+	@# across two instances, and every server with 1% of 1000 subscribers stalled
+	@# (under 15 minutes).
 	$(PY) -m bench
 
 stop:
 	@if [ -x $(PY) ]; then $(PY) -m app services stop; fi
 
-clean: stop
+# Three instances (ports 8081-8083, files in var/cluster/<n>/) behind HAProxy on 8080,
+# configured from deploy/haproxy.cfg; README.rst "Scaling out".
+cluster: services
+	$(PY) -m app migrate
+	$(PY) -m app demo
+	$(PY) -m app services cluster
+
+cluster-stop:
+	@if [ -x $(PY) ]; then $(PY) -m app services cluster-stop && $(PY) -m app services stop; fi
+
+clean: cluster-stop
 	rm -rf var

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +141,20 @@ class Announce:
 
 
 @dataclass(frozen=True, slots=True)
+class RemotePresence:
+    """Another instance's user joined or left room topic *topic*."""
+
+    topic: str
+    change: str
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncAll:
+    """Cross-instance delivery had a gap: every client recovers its rooms with ``since``."""
+
+
+@dataclass(frozen=True, slots=True)
 class PresenceQuery:
     """Who is online in room *topic*."""
 
@@ -169,6 +184,9 @@ class Hub(Actor):
     def __init__(self, registry: Registry, **actor_options: Any) -> None:
         super().__init__("hub", **actor_options)
         self.registry = registry
+        #: Told of every local presence change ``(room, "joined"|"left", username)``; they
+        #: must not block (the Redis bridge casts to its mailbox).
+        self.presence_listeners: list[Callable[[str, str, str], None]] = []
 
     def extra_status(self) -> dict[str, Any]:
         registry = self.registry
@@ -265,9 +283,28 @@ class Hub(Actor):
                 del self.registry.present[key]
 
     def _presence(self, key: str, change: str, username: str) -> None:
+        self._send_presence(key, change, username)
+        for listener in self.presence_listeners:
+            try:
+                listener(key[len("room:") :], change, username)
+            except AppError as exc:
+                log.bind(topic=key, error=exc.code).error("presence listener refused a change")
+
+    def _send_presence(self, key: str, change: str, username: str) -> None:
         frame = encode(event_frame("presence", {"topic": key, change: username}))
         for subscriber in self.registry.subscribers.get(key, ()):
             subscriber.offer(frame)
+
+    async def _handle_remote_presence(self, message: RemotePresence) -> None:
+        if message.username in self.registry.present.get(message.topic, ()):
+            return  # online here too: nothing changes for this instance's clients
+        self._send_presence(message.topic, message.change, message.username)
+
+    async def _handle_resync_all(self, message: ResyncAll) -> None:
+        for connection in list(self.registry.connections):
+            rooms = sorted(key for key in connection.topics if key.startswith("room:"))
+            if rooms:
+                connection.offer(encode(event_frame("resync", {"topics": rooms})))
 
     async def _handle_presence_query(self, message: PresenceQuery) -> list[str]:
         return sorted(self.registry.present.get(str(message.topic), {}))

@@ -168,6 +168,11 @@ class Supervisor:
         """The child actor called *name*; raises KeyError for an unknown name."""
         return self._by_name[name].actor
 
+    def find(self, name: str) -> Actor | None:
+        """The child actor called *name*, or None when this instance runs none."""
+        child = self._by_name.get(name)
+        return None if child is None else child.actor
+
     async def start(self) -> None:
         """Start the children in order, each once the previous is ready.
 

@@ -120,9 +120,15 @@ def _dev_services():
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    """Start, stop or wipe the local PostgreSQL and Redis used by ``make run``."""
+    """Start, stop or wipe the local PostgreSQL and Redis used by ``make run``.
+
+    ``cluster`` starts ``make cluster``'s hearth instances and HAProxy (on those services,
+    migrated), and ``cluster-stop`` stops them.
+    """
     from app.services import ServiceError
 
+    if args.action.startswith("cluster"):
+        return _cluster(args.action)
     setup_logging()
     postgres, redis = _dev_services()
     try:
@@ -138,6 +144,26 @@ def cmd_services(args: argparse.Namespace) -> int:
             log.info("services stopped" if args.action == "stop" else "services removed")
     except ServiceError as exc:
         log.bind(error=str(exc)).log("FATAL", f"services {args.action} failed")
+        return 1
+    return 0
+
+
+def _cluster(action: str) -> int:
+    from app.services import LocalCluster, ServiceError
+
+    settings = _load_settings()
+    cluster = LocalCluster(VAR_DIR.resolve() / "cluster")
+    try:
+        if action == "cluster":
+            _, redis = _dev_services()
+            url = cluster.start(settings.database_url, settings.redis_url or redis.url)
+            ports = ", ".join(map(str, cluster.instance_ports))
+            print(f"hearth cluster: {url} (HAProxy in front of ports {ports})", flush=True)
+        else:
+            cluster.stop()
+            log.info("cluster stopped")
+    except ServiceError as exc:
+        log.bind(error=str(exc)).log("FATAL", f"services {action} failed")
         return 1
     return 0
 
@@ -271,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     settings.set_defaults(func=cmd_settings)
     services = commands.add_parser("services", help=cmd_services.__doc__)
-    services.add_argument("action", choices=["start", "stop", "clean"])
+    services.add_argument("action", choices=["start", "stop", "clean", "cluster", "cluster-stop"])
     services.set_defaults(func=cmd_services)
     user = commands.add_parser("user", help=cmd_user.__doc__)
     user_actions = user.add_subparsers(dest="action", required=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -11,6 +13,7 @@ from aiohttp import web
 from actors.db_monitor import RefreshRoom
 from app import keys
 from app.auth import User, check_username
+from app.config import IPNetwork
 from app.errors import (
     AppError,
     AuthRequired,
@@ -23,6 +26,7 @@ from app.errors import (
 )
 from app.log import get_logger
 from app.models import check_room_name
+from app.ratelimit import limiter_for
 
 log = get_logger("api")
 
@@ -76,6 +80,53 @@ def _string_field(body: dict[str, Any], name: str) -> str:
     return value
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    # A dual-stack socket shows IPv4 peers as ::ffff:a.b.c.d; they are IPv4 clients.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def client_address(
+    peer: str | None, forwarded_for: Iterable[str], trusted: Sequence[IPNetwork]
+) -> str:
+    """The client's IP address: *peer*, or taken from *forwarded_for* if *peer* is *trusted*.
+
+    *forwarded_for* holds the ``X-Forwarded-For`` values in order, and *trusted* the networks
+    of ``HEARTH_TRUSTED_PROXIES``. Each proxy appends the address it got the request from,
+    so the client is the right-most address that is not a trusted proxy (the left-most when
+    all are); addresses left of it are the client's say, never trusted. A value on the way
+    that is not an IP address makes the header worthless: the peer address is used.
+    """
+    peer_address = _ip(peer or "")
+    if peer_address is None:
+        return peer or "unknown"
+    client = peer_address
+    if any(peer_address in network for network in trusted):
+        hops = [hop for value in forwarded_for for hop in value.split(",")]
+        for hop in reversed(hops):
+            address = _ip(hop)
+            if address is None:
+                return str(peer_address)
+            client = address
+            if not any(address in network for network in trusted):
+                break
+    return str(client)
+
+
+def client_ip(request: web.Request) -> str:
+    """*request*'s client address, through the trusted proxies (see `client_address`)."""
+    return client_address(
+        request.remote,
+        request.headers.getall("X-Forwarded-For", ()),
+        request.app[keys.SETTINGS].trusted_networks(),
+    )
+
+
 def bearer_token(request: web.Request) -> str:
     """The token of *request*'s ``Authorization: Bearer`` header; raises `AuthRequired`."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -98,10 +149,11 @@ async def login(request: web.Request) -> web.Response:
     body = await _json_object(request)
     username, password = _string_field(body, "username"), _string_field(body, "password")
     auth = request.app[keys.AUTH]
-    # Direct peer address; trusting X-Forwarded-For from HAProxy comes with a later issue.
-    client_ip = request.remote or "unknown"
+    limiter = limiter_for(request.app[keys.REDIS], timeout=request.app[keys.SETTINGS].redis_timeout)
     try:
-        token, expires_at = await auth.login(username, password, client_ip=client_ip)
+        token, expires_at = await auth.login(
+            username, password, client_ip=client_ip(request), limiter=limiter
+        )
     except RateLimited as exc:
         # trace_middleware renders errors without headers, and a 429 deserves Retry-After.
         log_error(exc, component="api", endpoint=request.path, method=request.method)

@@ -24,7 +24,13 @@ from app.errors import (
     ValidationError,
 )
 from app.log import get_logger, iso_utc
-from app.ratelimit import KeyedBuckets
+from app.ratelimit import (
+    LOCAL_ONLY,
+    LOGIN_IP_SCOPE,
+    LOGIN_USER_SCOPE,
+    KeyedBuckets,
+    SharedLimiter,
+)
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -184,12 +190,12 @@ class Authenticator:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
 
-    def _throttle(self, username: str, client_ip: str) -> None:
-        for scope, buckets, key in (
-            ("client_ip", self.ip_throttle, client_ip),
-            ("username", self.user_throttle, username),
+    async def _throttle(self, username: str, client_ip: str, limiter: SharedLimiter) -> None:
+        for scope, shared_scope, buckets, key in (
+            ("client_ip", LOGIN_IP_SCOPE, self.ip_throttle, client_ip),
+            ("username", LOGIN_USER_SCOPE, self.user_throttle, username),
         ):
-            wait = buckets.take(key)
+            wait = await limiter.take(buckets, shared_scope, key)
             if wait:
                 log.bind(username=username, client_ip=client_ip, scope=scope).warning(
                     "login throttled"
@@ -198,14 +204,18 @@ class Authenticator:
                     f"login throttled by {scope}", retry_after=max(1, math.ceil(wait))
                 )
 
-    async def login(self, username: str, password: str, *, client_ip: str) -> tuple[str, str]:
+    async def login(
+        self, username: str, password: str, *, client_ip: str, limiter: SharedLimiter = LOCAL_ONLY
+    ) -> tuple[str, str]:
         """Check *username* and *password* and return a new ``(token, expires_at)``.
 
-        *client_ip* keys the per-IP throttle. Raises `RateLimited` (with ``retry_after``)
-        when either throttle refuses, and the same `AuthFailed` for an unknown user and a
-        wrong password, after the same scrypt work. *expires_at* is ISO-8601 UTC.
+        *client_ip* keys the per-IP throttle. *limiter* shares the throttles with the other
+        instances through Redis (by default this instance's buckets alone). Raises `RateLimited`
+        (with ``retry_after``) when either throttle refuses, and the same `AuthFailed` for an
+        unknown user and a wrong password, after the same scrypt work. *expires_at* is
+        ISO-8601 UTC.
         """
-        self._throttle(username, client_ip)
+        await self._throttle(username, client_ip, limiter)
         row = None
         if USERNAME.fullmatch(username):
             row = await self.store.user_by_name(username)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import ipaddress
 import os
 import shlex
 from collections.abc import Mapping
@@ -20,6 +22,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 EVENT_LOOPS = ("asyncio", "uvloop")
 #: Prefix of every variable hearth reads; others with it are typos worth a warning.
 ENV_PREFIX = "HEARTH_"
+#: A network ``HEARTH_TRUSTED_PROXIES`` may name.
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: Endings of variable names whose whole value is a secret, shown as ``***``.
 _SECRET_SUFFIXES = ("_KEY", "_PASSWORD", "_SECRET", "_TOKEN")
 
@@ -52,6 +56,26 @@ class Settings:
         1.0,
         "Deadline of one Redis command or connect (s); past it, the instance works locally.",
         minimum=0.05,
+    )
+    redis_canary_interval: float = setting(
+        "HEARTH_REDIS_CANARY_INTERVAL",
+        1.0,
+        "Seconds between canary round trips through Redis; two missed ones mean local-only.",
+        minimum=0.05,
+    )
+    redis_degraded_ready_after: float = setting(
+        "HEARTH_REDIS_DEGRADED_READY_AFTER",
+        0.0,
+        "Seconds in local-only mode after which /health/ready answers 503, so the load "
+        "balancer moves clients to instances that still reach Redis (0: never).",
+        minimum=0.0,
+    )
+    presence_refresh: float = setting(
+        "HEARTH_PRESENCE_REFRESH",
+        5.0,
+        "Seconds between rewrites of this instance's presence in Redis; a crashed "
+        "instance's users expire after two.",
+        minimum=0.1,
     )
     log_level: str = setting("HEARTH_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR.")
     log_dir: str = setting(
@@ -162,6 +186,12 @@ class Settings:
         "",
         "Comma-separated Origins allowed to open a WebSocket; empty means same-origin only, "
         "``*`` any.",
+    )
+    trusted_proxies: str = setting(
+        "HEARTH_TRUSTED_PROXIES",
+        "",
+        "Comma-separated IPs or CIDRs of the proxies whose X-Forwarded-For gives the client "
+        "address (login throttle, logs); empty: never trust the header.",
     )
     ws_compress: bool = setting(
         "HEARTH_WS_COMPRESS", False, "permessage-deflate on hub WebSockets (CPU and BREACH cost)."
@@ -305,6 +335,7 @@ class Settings:
         if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(variable="HEARTH_REDIS_URL", reason="must be a redis:// URL")
         self.sources()
+        self.trusted_networks()
 
     def sources(self) -> list[Source]:
         """The status feeds: the built-in system feed first, then ``HEARTH_EVENT_SOURCES``.
@@ -320,6 +351,13 @@ class Settings:
         except ValueError as exc:
             raise ConfigError(variable="HEARTH_EVENT_SOURCES", reason=str(exc)) from None
         return [system_source(interval=self.event_interval, timeout=self.event_timeout), *upstreams]
+
+    def trusted_networks(self) -> tuple[IPNetwork, ...]:
+        """The networks of ``HEARTH_TRUSTED_PROXIES``; raises `ConfigError` when invalid."""
+        try:
+            return _parse_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise ConfigError(variable="HEARTH_TRUSTED_PROXIES", reason=str(exc)) from None
 
     def effective(self) -> list[tuple[str, str]]:
         """Return ``(variable, value)`` for every setting as in effect, secrets hidden.
@@ -384,6 +422,12 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     if minimum is not None and value < minimum:
         raise ConfigError(variable=env, reason=f"must be at least {minimum}")
     return value
+
+
+# Cached: the client address of every login asks for these networks.
+@functools.lru_cache(maxsize=8)
+def _parse_networks(spec: str) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(part.strip()) for part in spec.split(",") if part.strip())
 
 
 def _check_dsn(dsn: str) -> None:

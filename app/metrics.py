@@ -98,3 +98,22 @@ def install_gc_timer() -> None:
     """Time every garbage collection into `GC_PAUSE_SECONDS`; calling it again does nothing."""
     if _GC_TIMER not in gc.callbacks:
         gc.callbacks.append(_GC_TIMER)
+
+
+#: Takes of a shared rate limit that the local bucket answered because Redis failed
+#: (``timeout``, ``error``) or was being left alone after a failure (``cooldown``).
+RATE_LIMIT_LOCAL_FALLBACKS = Counter(
+    "hearth_ratelimit_local_fallbacks_total",
+    "Shared rate-limit takes answered by the local bucket, by reason.",
+    ["reason"],
+)
+#: The Redis bridge's state: 1 for the current one (connecting, connected, degraded...).
+REDIS_STATE = Gauge("hearth_redis_state", "Redis bridge state.", ["state"])
+#: Seconds since the bridge's canary last came back through Redis (-1: never yet).
+REDIS_CANARY_AGE = Gauge("hearth_redis_canary_age_seconds", "Age of the last canary round trip.")
+#: Round-trip time of the last canary through Redis pub/sub.
+REDIS_CANARY_RTT = Gauge("hearth_redis_canary_rtt_seconds", "Last canary round-trip time.")
+#: Room messages carried by the bridge: out (published) and in (delivered from others).
+BRIDGE_MESSAGES = Counter(
+    "hearth_bridge_messages_total", "Room messages carried across instances.", ["direction"]
+)

@@ -1,15 +1,20 @@
-"""Local PostgreSQL and Redis processes on loopback, for ``make run`` and the test session."""
+"""Local PostgreSQL, Redis, hearth and HAProxy processes on loopback, for ``make`` and tests."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
-from dataclasses import dataclass
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.log import get_logger
@@ -18,6 +23,10 @@ log = get_logger("services")
 
 #: Where Debian keeps the PostgreSQL binaries when they are not on PATH.
 PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin")
+#: The repository root: ``python -m app`` runs from here, and the deploy example lives here.
+ROOT = Path(__file__).resolve().parent.parent
+#: The production HAProxy example that ``make cluster`` and the cluster tests render.
+HAPROXY_TEMPLATE = ROOT / "deploy" / "haproxy.cfg"
 
 
 class ServiceError(RuntimeError):
@@ -188,23 +197,82 @@ class LocalPostgres:
             self.psql(f'CREATE DATABASE "{self.database}" OWNER "{self.user}"')
 
 
-def ensure_redis_installed() -> str:
-    """Return the redis-server path, installing Debian's package as root when missing."""
-    found = shutil.which("redis-server")
+def ensure_installed(program: str, package: str) -> str:
+    """Return the path of *program*, installing Debian's *package* as root when missing.
+
+    The install is tried first with the package lists the machine has, and only after
+    ``apt-get update`` when that fails (a fresh image ships none, or stale ones).
+    """
+    found = _which(program)
     if found:
         return found
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise ServiceError("redis-server is missing: install Debian's redis-server package")
-    log.info("installing redis-server with apt-get")
-    _run(["apt-get", "update", "-qq"])
-    _run(
-        ["apt-get", "install", "-y", "-qq", "redis-server"],
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-    )
-    found = shutil.which("redis-server")
+        raise ServiceError(f"{program} is missing: install Debian's {package} package")
+    log.bind(package=package).info("installing a missing package with apt-get")
+    install = ["apt-get", "install", "-y", "-qq", package]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        _run(install, env=env)
+    except ServiceError as exc:
+        log.bind(package=package, error=str(exc)).info("install failed; updating package lists")
+        _run(["apt-get", "update", "-qq"])
+        _run(install, env=env)
+    found = _which(program)
     if not found:
-        raise ServiceError("redis-server still missing after apt-get install")
+        raise ServiceError(f"{program} still missing after apt-get install {package}")
     return found
+
+
+def _which(program: str) -> str | None:
+    # Debian puts daemons such as haproxy in /usr/sbin, which a user's PATH may lack.
+    return shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
+
+
+def ensure_redis_installed() -> str:
+    """Return the redis-server path, installing Debian's package as root when missing."""
+    return ensure_installed("redis-server", "redis-server")
+
+
+def ensure_haproxy_installed() -> str:
+    """Return the haproxy path, installing Debian's package as root when missing."""
+    return ensure_installed("haproxy", "haproxy")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process *pid* exists and has not exited (a zombie counts as exited)."""
+    try:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, PermissionError, FileNotFoundError):
+        return False
+    return state != "Z"
+
+
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM process *pid*, wait up to *timeout* seconds for it to exit, then SIGKILL it."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process_alive(pid):
+            return
+        time.sleep(0.05)
+    log.bind(pid=pid, timeout=timeout).warning("process ignored SIGTERM; sending SIGKILL")
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+
+
+def _read_pid(pid_file: Path) -> int | None:
+    # None when the file is missing, garbled, or names a process that is gone.
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    return pid if process_alive(pid) else None
 
 
 @dataclass
@@ -250,23 +318,312 @@ class LocalRedis:
 
     def running(self) -> bool:
         """Whether the daemon behind the pid file is alive."""
-        try:
-            os.kill(int(self.pid_file.read_text().strip()), 0)
-        except (FileNotFoundError, ValueError, ProcessLookupError):
-            return False
-        return True
+        return _read_pid(self.pid_file) is not None
 
     def stop(self) -> None:
         """Stop the daemon and wait for it to exit."""
-        if not self.running():
+        pid = _read_pid(self.pid_file)
+        if pid is not None:
+            stop_process(pid)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health/ready", timeout=1) as response:
+            return response.status == 200
+    except OSError:  # refused, reset, or an HTTPError such as 503
+        return False
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no output)"
+
+
+@dataclass
+class LocalHearth:
+    """One ``python -m app serve`` on 127.0.0.1:*port*, with its spool, logs and pid in *folder*.
+
+    *env* holds the ``HEARTH_*`` settings it shares with its peers (database, Redis); its
+    own port, spool and log folder are added to them.
+    """
+
+    folder: Path
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+    #: The process, when this object started it (the tests signal and reap it).
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Its base URL, bypassing any load balancer."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        """Where its process id is kept between ``make cluster`` and ``make cluster-stop``."""
+        return self.folder / "hearth.pid"
+
+    @property
+    def output(self) -> Path:
+        """Its stdout and stderr: the JSON log, and whatever fails before logging is set up."""
+        return self.folder / "serve.out"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start serving in the background and wait until ``/health/ready`` answers 200."""
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start ``python -m app serve`` in the background, unless it runs already."""
+        if self.running():
             return
-        pid = int(self.pid_file.read_text().strip())
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        (self.folder / "spool").mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            **self.env,
+            "HEARTH_HOST": "127.0.0.1",
+            "HEARTH_PORT": str(self.port),
+            "HEARTH_SPOOL_DIR": str(self.folder / "spool"),
+            "HEARTH_LOG_DIR": str(self.folder / "log"),
+        }
+        # Owner-only: serve prints the demo login there.
+        descriptor = os.open(self.output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with open(descriptor, "ab") as output:
+            # Its own session: a Ctrl-C in the terminal that ran `make cluster` is not for it.
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "app", "serve"], cwd=ROOT, env=env,
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self.pid_file.write_text(f"{self.process.pid}\n")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until ``/health/ready`` answers 200; stop it and raise if it does not in time."""
+        deadline = time.monotonic() + timeout
+        while not _ready(self.url):
+            if not self.running() or time.monotonic() > deadline:
+                self.stop()
+                raise ServiceError(
+                    f"hearth on port {self.port} did not turn ready: {_log_tail(self.output)}"
+                )
+            time.sleep(0.1)
+
+    def running(self) -> bool:
+        """Whether the process behind the pid file is alive."""
+        return _read_pid(self.pid_file) is not None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM it (it drains), wait up to *timeout* seconds, then SIGKILL."""
+        pid = _read_pid(self.pid_file)
+        if pid is not None:
+            stop_process(pid, timeout)
+        if self.process is not None:
+            self.process.wait()
+        self.pid_file.unlink(missing_ok=True)
+
+
+def render_haproxy_config(
+    template: str,
+    *,
+    port: int,
+    server_ports: Sequence[int],
+    stats_socket: Path,
+    check_interval: str | None = None,
+) -> str:
+    """*template* (``deploy/haproxy.cfg``) pointed at this machine's processes.
+
+    The frontend listens on 127.0.0.1:*port*, the runtime API on *stats_socket*, and the
+    template's ``server`` lines become one per port of *server_ports*, each built like the
+    first; *check_interval* (HAProxy's syntax: ``500ms``) replaces every ``inter``.
+    """
+    rendered: list[str] = []
+    found = {"bind": False, "stats": False, "server": False}
+    for line in template.splitlines():
+        indent = line[: len(line) - len(line.lstrip())]
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            rendered.append(line)
+            continue
+        if words[:1] == ["bind"]:
+            words[1] = f"127.0.0.1:{port}"
+            found["bind"] = True
+        elif words[:2] == ["stats", "socket"]:
+            words[2] = str(stats_socket)
+            found["stats"] = True
+        elif words[:1] == ["server"]:
+            if not found["server"]:
+                rendered += [
+                    indent + " ".join(["server", f"hearth{number}", f"127.0.0.1:{server_port}"]
+                                      + words[3:])
+                    for number, server_port in enumerate(server_ports, 1)
+                ]  # fmt: skip
+                found["server"] = True
+            continue
+        if check_interval and "inter" in words:
+            words[words.index("inter") + 1] = check_interval
+        rendered.append(indent + " ".join(words))
+    missing = [name for name, seen in found.items() if not seen]
+    if missing:
+        raise ServiceError(f"HAProxy template lacks a line for: {', '.join(missing)}")
+    return "\n".join(rendered) + "\n"
+
+
+@dataclass
+class LocalHaproxy:
+    """HAProxy on 127.0.0.1:*port* in front of hearth on *server_ports*, its files in *folder*."""
+
+    folder: Path
+    port: int
+    server_ports: Sequence[int]
+    #: The health check interval, in HAProxy's syntax; None keeps the template's.
+    check_interval: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL clients use."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        """Where the HAProxy daemon writes its process id."""
+        return self.folder / "haproxy.pid"
+
+    @property
+    def stats_socket(self) -> Path:
+        """Its runtime API socket."""
+        return self.folder / "haproxy.sock"
+
+    @property
+    def config(self) -> Path:
+        """The configuration rendered from :data:`HAPROXY_TEMPLATE`."""
+        return self.folder / "haproxy.cfg"
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Render the configuration, start the daemon and wait until every server is UP."""
+        if self.running():
+            return
+        program = ensure_haproxy_installed()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            render_haproxy_config(
+                HAPROXY_TEMPLATE.read_text(),
+                port=self.port,
+                server_ports=self.server_ports,
+                stats_socket=self.stats_socket,
+                check_interval=self.check_interval,
+            )
+        )
+        output = self.folder / "haproxy.out"
+        # A file, not a pipe: the daemon it forks could keep a pipe open after the parent exits.
+        with output.open("wb") as sink:
+            started = subprocess.run(
+                [program, "-f", str(self.config), "-D", "-p", str(self.pid_file)],
+                stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        if started.returncode != 0:
+            raise ServiceError(f"haproxy failed ({started.returncode}): {_log_tail(output)}")
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+                states = self.server_states()
+            except OSError as exc:
+                states = {"runtime API": f"unreachable ({exc})"}
+            if set(states.values()) == {"UP"}:
                 return
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
+            if time.monotonic() > deadline:
+                raise ServiceError(f"HAProxy servers not all UP after {timeout}s: {states}")
+            time.sleep(0.1)
+
+    def server_states(self) -> dict[str, str]:
+        """Each backend server's status from the runtime API: ``UP``, ``DOWN``, ``MAINT``…"""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(2)
+            sock.connect(str(self.stats_socket))
+            sock.sendall(b"show stat\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        lines = answer.decode().splitlines()
+        rows = csv.DictReader([lines[0].removeprefix("# "), *lines[1:]])
+        # "UP 1/2" while a server is moving from one state to the other counts as its old state.
+        return {
+            row["svname"]: row["status"].split()[0]
+            for row in rows
+            if row["pxname"] == "hearth" and row["svname"] not in ("FRONTEND", "BACKEND")
+        }
+
+    def running(self) -> bool:
+        """Whether the daemon behind the pid file is alive."""
+        return _read_pid(self.pid_file) is not None
+
+    def stop(self) -> None:
+        """Stop the daemon (SIGTERM, then SIGKILL after 10 s)."""
+        pid = _read_pid(self.pid_file)
+        if pid is not None:
+            stop_process(pid)
+        self.pid_file.unlink(missing_ok=True)
+
+
+@dataclass
+class LocalCluster:
+    """``make cluster``: hearth instances on 127.0.0.1 behind HAProxy, their files in *folder*.
+
+    Instance *n* (from 1) serves on the *n*-th of *instance_ports* and keeps its spool,
+    logs and pid file in ``folder/<n>``.
+    """
+
+    folder: Path
+    port: int = 8080
+    instance_ports: tuple[int, ...] = (8081, 8082, 8083)
+
+    def instances(self, env: dict[str, str] | None = None) -> list[LocalHearth]:
+        """The instances, sharing the ``HEARTH_*`` settings *env*."""
+        return [
+            LocalHearth(self.folder / str(number), port, dict(env or {}))
+            for number, port in enumerate(self.instance_ports, 1)
+        ]
+
+    def haproxy(self) -> LocalHaproxy:
+        """The load balancer in front of the instances."""
+        return LocalHaproxy(self.folder, self.port, self.instance_ports)
+
+    def start(self, database_url: str, redis_url: str) -> str:
+        """Start the instances on *database_url* and *redis_url*, then HAProxy; returns its URL.
+
+        What already runs is left alone, so a second ``make cluster`` completes the first.
+        """
+        from app.config import known_variables
+
+        # Before any instance starts, so that a missing HAProxy leaves nothing behind.
+        ensure_haproxy_installed()
+        env = {"HEARTH_DATABASE_URL": database_url, "HEARTH_REDIS_URL": redis_url}
+        # Login throttling counts HAProxy's X-Forwarded-For once hearth knows this setting.
+        if "HEARTH_TRUSTED_PROXIES" in known_variables():
+            env["HEARTH_TRUSTED_PROXIES"] = "127.0.0.1"
+        instances = self.instances(env)
+        # All spawned first, so they start side by side.
+        for instance in instances:
+            instance.spawn()
+        for instance in instances:
+            instance.wait_ready()
+            log.bind(port=instance.port, folder=str(instance.folder)).info("hearth instance up")
+        haproxy = self.haproxy()
+        haproxy.start()
+        log.bind(port=haproxy.port, servers=list(self.instance_ports)).info("haproxy up")
+        return haproxy.url
+
+    def stop(self) -> None:
+        """Stop every instance, then HAProxy, so clients get hearth's goodbye through it."""
+        instances = self.instances()
+        # SIGTERM all at once, so their drains overlap instead of adding up.
+        for instance in instances:
+            pid = _read_pid(instance.pid_file)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        for instance in instances:
+            instance.stop()
+        self.haproxy().stop()

@@ -17,12 +17,15 @@ import jinja2
 import redis.asyncio as aioredis
 from aiohttp import WSCloseCode, web
 from prometheus_async.aio.web import server_stats
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from actors.base import Actor
 from actors.db_monitor import DbMonitor, RecordTransition
 from actors.events import EventSubscriber
 from actors.heartbeat import Heartbeat
-from actors.hub import Announce, Deliver, Hub, Registry, Shutdown
+from actors.hub import Announce, Deliver, Hub, Registry, RemotePresence, ResyncAll, Shutdown
+from actors.redis_bridge import Outgoing, PresenceChanged, RedisBridge
 from actors.room_writer import DrainTick, Outlet, RoomWriter, StopAccepting
 from actors.supervisor import Supervisor
 from app import api, health, keys, metrics, ws
@@ -96,7 +99,41 @@ def default_actors(app: web.Application) -> list[Actor]:
     heartbeat = Heartbeat(
         hub, interval=settings.heartbeat_interval, feeds=events.feed_times, **options
     )
-    return [db_monitor, hub, *writers, events, heartbeat]
+    bridge = _redis_bridge(app, hub, options)
+    return [db_monitor, hub, *writers, events, heartbeat, *([bridge] if bridge else [])]
+
+
+def _redis_bridge(app: web.Application, hub: Hub, options: dict[str, Any]) -> RedisBridge | None:
+    """The bridge to the other instances, wired to the outlet and the hub; None without
+    Redis (local-only mode)."""
+    client = app[keys.REDIS]
+    if client is None:
+        return None
+    settings = app[keys.SETTINGS]
+    registry = app[keys.REGISTRY]
+    bridge = RedisBridge(
+        client,
+        app[keys.INSTANCE_ID],
+        deliver=lambda messages: hub.cast(Deliver(messages)),
+        announce=lambda kind, data: _cast_or_log(hub, Announce(kind, data)),
+        resync_all=lambda: _cast_or_log(hub, ResyncAll()),
+        remote_presence=lambda room, change, user: _cast_or_log(
+            hub, RemotePresence(f"room:{room}", change, user)
+        ),
+        local_presence=lambda room: sorted(registry.present.get(f"room:{room}", ())),
+        local_rooms=lambda: {
+            key[len("room:") :]: list(users) for key, users in registry.present.items()
+        },
+        timeout=settings.redis_timeout,
+        canary_interval=settings.redis_canary_interval,
+        presence_interval=settings.presence_refresh,
+        **options,
+    )
+    app[keys.OUTLET].subscribe(lambda messages: _cast_or_log(bridge, Outgoing(messages)))
+    hub.presence_listeners.append(
+        lambda room, change, user: _cast_or_log(bridge, PresenceChanged(room, change, user))
+    )
+    return bridge
 
 
 def _cast_or_log(actor: Actor, message: object) -> None:
@@ -193,6 +230,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.redis_url,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
+        # Fail fast, never retry: every caller has a local fallback, and a retried
+        # PUBLISH could deliver twice.
+        retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         health_check_interval=0,
     )

@@ -21,6 +21,7 @@ from actors.hub import (
     Unsubscribe,
     count_error,
 )
+from actors.redis_bridge import OnlineUsers
 from actors.room_writer import Publish, RoomWriter, shard_of
 from app import keys, metrics
 from app.connection import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, Connection, Limits, Reply
@@ -48,7 +49,7 @@ from app.protocol import (
     encode,
     parse_request,
 )
-from app.ratelimit import KeyedBuckets, TokenBucket
+from app.ratelimit import USER_PUBLISH_SCOPE, KeyedBuckets, TokenBucket, limiter_for
 
 log = get_logger("ws")
 
@@ -290,7 +291,7 @@ class Session:
             max_length=self.max_content_length,
             trace_id=request.trace_id,
         )
-        self._take_publish_tokens()
+        await self._take_publish_tokens()
         writer = self.writers[shard_of(topic.name, len(self.writers))]
         # The writer answers by the database deadline; the margin covers its mailbox.
         deadline = time.monotonic() + self.store.timeout
@@ -300,10 +301,17 @@ class Session:
         else:
             reply.answer(200, "ok", result.reply)
 
-    def _take_publish_tokens(self) -> None:
+    async def _take_publish_tokens(self) -> None:
+        # Nothing may await between this and the writer's mailbox: the limiter keeps one
+        # user's takes in order, and so the publishes (docs/protocol.rst, Pipelining).
         wait = self.publish_bucket.take()
         if wait == 0:
-            wait = self.user_buckets.take(self.connection.user_id or "")
+            limiter = limiter_for(
+                self.app[keys.REDIS], timeout=self.app[keys.SETTINGS].redis_timeout
+            )
+            wait = await limiter.take(
+                self.user_buckets, USER_PUBLISH_SCOPE, self.connection.user_id or ""
+            )
             if wait > 0:
                 # Give back the connection's token: the publish is refused as a whole.
                 self.publish_bucket.tokens += 1
@@ -330,12 +338,17 @@ class Session:
         reply.send(200, "ok", {"count": len(page)})
 
     async def op_presence(self, request: Request, reply: Reply) -> None:
-        """``presence {topic}``: the users online in a room on this instance."""
+        """``presence {topic}``: the users online in a room, on every instance while Redis
+        answers, else on this one."""
         topic = request.topic()
         if not topic.is_room:
             raise ValidationError(text="presence is kept for rooms only")
         self.directory.check_access(self.member(), topic.name)
-        users = await self.hub.call(PresenceQuery(topic))
+        bridge = self.app[keys.SUPERVISOR].find("redis_bridge")
+        if bridge is not None:
+            users = await bridge.call(OnlineUsers(topic.name), timeout=self.deadline)
+        else:
+            users = await self.hub.call(PresenceQuery(topic))
         reply.answer(200, "ok", {"users": users})
 
     # -- gap repair --------------------------------------------------------------------------

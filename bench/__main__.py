@@ -1,8 +1,8 @@
 """``python -m bench``: fan-out and slow consumers of hearth (on asyncio and uvloop), the floor
-and socketio; durable publishes and presence of hearth.
+and socketio; durable publishes, presence, and fan-out across two instances of hearth.
 
-Each server runs pinned to core 0 (hearth's PostgreSQL too), the load generator on core 1;
-for the durable scenario PostgreSQL moves to core 1, beside the load generator.
+Each server runs pinned to core 0 (hearth's PostgreSQL and Redis too), the load generator on
+core 1; for the durable scenario PostgreSQL moves to core 1, beside the load generator.
 Prints a table and writes bench/results/<timestamp>.json.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import math
@@ -25,6 +26,7 @@ from bench.loadgen import (
     SLOW_CONTENT_LENGTH,
     SLOW_SEND_BUFFER,
     durable_rooms,
+    run_bridged_fanout,
     run_durable,
     run_fanout,
     run_presence,
@@ -45,7 +47,7 @@ from bench.servers import (
 T = TypeVar("T")
 
 #: Every scenario, in the order they run; fan-out and idle are measured in one pass.
-SCENARIOS = ("fanout", "idle", "durable", "presence", "slow")
+SCENARIOS = ("fanout", "idle", "durable", "presence", "slow", "cross")
 #: The share of the slow-consumer scenario's subscribers that stop reading.
 STALLED_SHARE = 0.01
 
@@ -59,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="20 subscribers, users and slow-scenario subscribers, 2 s; durable 4 publishers"
-        " on 2 rooms: a smoke test",
+        help="20 subscribers, users, slow- and cross-scenario subscribers, 2 s; durable 4"
+        " publishers on 2 rooms: a smoke test",
     )
     parser.add_argument(
         "--subscribers", default="1000,5000", help="comma-separated N values (default 1000,5000)"
@@ -110,6 +112,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="slow: seconds of publishing (default 20: a stalled reader's backlog reaches"
         " 400 KB, past what each server buffers before it pushes back)",
     )
+    parser.add_argument(
+        "--cross-subscribers",
+        type=int,
+        default=1000,
+        help="cross: subscribers on the second instance (default 1000)",
+    )
+    parser.add_argument(
+        "--cross-rate",
+        type=float,
+        default=5.0,
+        help="cross: publishes per second (default 5, the fan-out's at N=1000)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR, help="folder of the JSON")
     args = parser.parse_args(argv)
     if args.quick:
@@ -117,10 +131,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.publishers, args.rooms = 4, 2
         args.presence_users, args.slow_subscribers = 20, 20
         args.slow_rate, args.slow_duration = 50.0, 2.0
+        args.cross_subscribers, args.cross_rate = 20, 50.0
     if args.publishers < 1 or args.rooms < 1:
         parser.error("--publishers and --rooms must be at least 1")
     if args.presence_users < 1 or args.slow_subscribers < 2:
         parser.error("--presence-users must be at least 1 and --slow-subscribers at least 2")
+    if args.cross_subscribers < 1:
+        parser.error("--cross-subscribers must be at least 1")
     args.subscribers = [int(n) for n in args.subscribers.split(",")]
     if args.rate is not None:
         args.rates = [args.rate] * len(args.subscribers)
@@ -140,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("the durable scenario runs on hearth only: add hearth to --servers")
     if "presence" in args.scenarios and not _hearth_kinds(args.servers):
         parser.error("the presence scenario runs on hearth only: add hearth to --servers")
+    if "cross" in args.scenarios and "hearth" not in args.servers:
+        parser.error("the cross scenario runs on hearth only: add hearth to --servers")
     return args
 
 
@@ -244,6 +263,18 @@ def render_table(rows: list[dict]) -> str:
             for r in slow
         ]  # fmt: skip
         sections.append(_columns(head, body))
+    cross = [r for r in rows if r["scenario"] == "cross"]
+    if cross:
+        # One line per run: 1 instance (the baseline), then 2 (publisher on A, readers on B).
+        head = ("scenario", "N", "server", "instances", "deliv/s", "p50 ms", "p99 ms", "max ms",
+                "lost", "x p99")  # fmt: skip
+        body = [
+            (r["scenario"], r["n"], r["server"], instances, run["deliveries_per_s"],
+             run["p50_ms"], run["p99_ms"], run["max_ms"], run["lost"], ratio)
+            for r in cross
+            for instances, run, ratio in ((1, r["single"], None), (2, r["cross"], r["p99_ratio"]))
+        ]  # fmt: skip
+        sections.append(_columns(head, body))
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
@@ -283,6 +314,8 @@ def run(args: argparse.Namespace) -> dict:
         if "slow" in args.scenarios:
             for name in args.servers:
                 rows.append(_slow(name, database, args))
+        if "cross" in args.scenarios and database is not None:
+            rows.append(_cross(database, args))
     finally:
         if database is not None:
             database.cleanup()
@@ -312,6 +345,8 @@ def run(args: argparse.Namespace) -> dict:
             "slow_duration_s": args.slow_duration,
             "slow_content_length": SLOW_CONTENT_LENGTH,
             "slow_send_buffer": SLOW_SEND_BUFFER,
+            "cross_subscribers": args.cross_subscribers,
+            "cross_rate": args.cross_rate,
         },
         "rows": rows,
     }
@@ -321,17 +356,17 @@ def _say(what: str) -> None:
     print(f"# {what} ...", file=sys.stderr, flush=True)
 
 
-def _run_on(server: Server, work: Coroutine[Any, Any, T]) -> T:
-    """Start *server*, run the load generator's *work* against it, stop it."""
-    try:
-        server.start()
-    except BaseException:
-        work.close()  # never started: no "never awaited" warning on top of the error
-        raise
-    try:
+def _run_on(work: Coroutine[Any, Any, T], *servers: Server) -> T:
+    """Start *servers* in order, run the load generator's *work* against them, stop them."""
+    with contextlib.ExitStack() as started:
+        try:
+            for server in servers:
+                started.callback(server.stop)  # also stops one whose start failed halfway
+                server.start()
+        except BaseException:
+            work.close()  # never started: no "never awaited" warning on top of the error
+            raise
         return asyncio.run(work)
-    finally:
-        server.stop()
 
 
 def _fanout_and_idle(
@@ -339,7 +374,7 @@ def _fanout_and_idle(
 ) -> list[dict]:
     _say(f"fanout N={n} server={name} rate={rate}/s")
     server = make_server(name, database)
-    fanout, idle = _run_on(server, run_fanout(server, n, rate, args.duration, args.drain))
+    fanout, idle = _run_on(run_fanout(server, n, rate, args.duration, args.drain), server)
     rows = []
     if "fanout" in args.scenarios:
         rows.append({"scenario": "fanout", "n": n, "server": name, **fanout})
@@ -385,7 +420,7 @@ def _presence(
     _say(f"presence N={len(tokens)} server={name}")
     server = make_server(name, database)
     assert isinstance(server, Hearth)
-    presence = _run_on(server, run_presence(server, tokens, args.drain))
+    presence = _run_on(run_presence(server, tokens, args.drain), server)
     return {"scenario": "presence", "n": len(tokens), "server": name, **presence}
 
 
@@ -398,11 +433,11 @@ def _slow(name: str, database: HearthDatabase | None, args: argparse.Namespace) 
         _say(f"slow N={n} stalled={stalling} server={name} rate={rate}/s")
         server = make_server(name, database, SLOW_SEND_BUFFER)
         fanout, _ = _run_on(
-            server,
             run_fanout(
                 server, n, rate, args.slow_duration, args.drain,
                 stalled=stalling, content_length=SLOW_CONTENT_LENGTH,
             ),
+            server,
         )  # fmt: skip
         runs.append(fanout)
     alone, slow = runs
@@ -426,6 +461,35 @@ def _slow(name: str, database: HearthDatabase | None, args: argparse.Namespace) 
         "gc_max_exact": slow["gc_max_exact"],
         "baseline": alone,
         "run": slow,
+    }
+
+
+def _cross(database: HearthDatabase, args: argparse.Namespace) -> dict:
+    """The fan-out on one hearth, then with the publisher on another one, both on Redis.
+
+    Fresh instances each time, all with the bridge on, so the second run differs from the
+    first only in that every message crosses from one instance to the other through Redis.
+    """
+    n, rate = args.cross_subscribers, args.cross_rate
+    redis_url = database.start_redis()
+    _say(f"cross N={n} instances=1 server=hearth rate={rate}/s")
+    alone = Hearth(database, redis_url=redis_url)
+    single = _run_on(run_bridged_fanout(alone, alone, n, rate, args.duration, args.drain), alone)
+    _say(f"cross N={n} instances=2 server=hearth rate={rate}/s")
+    publisher_at = Hearth(database, redis_url=redis_url)
+    subscribers_at = Hearth(database, redis_url=redis_url)
+    crossed = _run_on(
+        run_bridged_fanout(subscribers_at, publisher_at, n, rate, args.duration, args.drain),
+        publisher_at,
+        subscribers_at,
+    )
+    return {
+        "scenario": "cross",
+        "n": n,
+        "server": "hearth",
+        "p99_ratio": _ratio(crossed["p99_ms"], single["p99_ms"]),
+        "single": single,
+        "cross": crossed,
     }
 
 

@@ -229,15 +229,20 @@ async def run_fanout(
     *,
     stalled: int = 0,
     content_length: int = CONTENT_LENGTH,
+    publisher_server: Server | None = None,
 ) -> tuple[dict, dict]:
     """Fan-out: *subscribers* on the room, one publisher at *rate* msg/s for *duration* s.
 
     Waits up to *drain* seconds after the last publish for deliveries still under way.
     *stalled* of the subscribers are `StalledReader` s that stop reading once subscribed;
     the latencies and losses are the other subscribers'. Publishes carry *content_length*
-    characters. Returns the fan-out figures and the idle figures of the connection phase
-    (memory per connection, connect time).
+    characters. The subscribers connect to *server*, the publisher to *publisher_server*
+    (default the same); the server CPU figures are both servers' together, memory and GC
+    are *server*'s. Returns the fan-out figures and the idle figures of the connection
+    phase (memory per connection, connect time).
     """
+    publisher_server = publisher_server or server
+    server_pids = {server.pid, publisher_server.pid}
     receiver = Receiver()
     errors: list[str] = []
     stalled_readers: list[StalledReader] = []
@@ -247,8 +252,11 @@ async def run_fanout(
         tasks: list[asyncio.Task[None]] = []
         sockets: list[aiohttp.ClientWebSocketResponse] = []
         try:
-            publisher = await server.open_publisher(session)
+            publisher = await publisher_server.open_publisher(session)
             sockets.append(publisher)
+            # Once, before the subscribers race for a token (when the publisher's server,
+            # which already has one, is another).
+            await server.login(session)
             await asyncio.sleep(0.5)
             rss_before = rss_kb(server.pid)
             gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
@@ -285,7 +293,7 @@ async def run_fanout(
             readers = subscribers - len(stalled_readers)
             expected = receiver.expected = messages * readers
             gc_before = await _gc_record(server, session)
-            cpu_before = cpu_seconds(server.pid)
+            cpu_before = _cpu_seconds_of(server_pids)
             extra_before = server.extra_cpu_seconds()
             client_before = _client_cpu()
             started = time.monotonic()
@@ -294,14 +302,14 @@ async def run_fanout(
                 if delay > 0:
                     await asyncio.sleep(delay)
                 content = make_content(number, content_length)
-                await publisher.send_str(server.pub_frame(content, number))
+                await publisher.send_str(publisher_server.pub_frame(content, number))
             sent_at = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(receiver.complete.wait(), drain)
             finished = time.monotonic()
             # What arrives later (say once the drop check unblocks a server) is not the run's.
             latencies, last_delivery = receiver.latencies[:], receiver.last_delivery
-            cpu = cpu_seconds(server.pid) - cpu_before
+            cpu = _cpu_seconds_of(server_pids) - cpu_before
             extra = server.extra_cpu_seconds() - extra_before
             client_cpu = _client_cpu() - client_before
             rss_end = rss_kb(server.pid)
@@ -351,6 +359,31 @@ async def run_fanout(
         **_gc_during(gc_before, gc_after),
     }
     return fanout, idle
+
+
+def _cpu_seconds_of(pids: set[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
+async def run_bridged_fanout(
+    subscribers_at: Hearth,
+    publisher_at: Hearth,
+    subscribers: int,
+    rate: float,
+    duration: float,
+    drain: float,
+) -> dict:
+    """`run_fanout` with the subscribers on *subscribers_at* and the publisher on *publisher_at*.
+
+    Both are hearths on one Redis (or the same hearth). The figures add ``bridged_in``: the
+    messages *subscribers_at* received from other instances through Redis since it started.
+    """
+    fanout, _ = await run_fanout(
+        subscribers_at, subscribers, rate, duration, drain, publisher_server=publisher_at
+    )
+    async with aiohttp.ClientSession() as session:
+        fanout["bridged_in"] = await subscribers_at.bridged_in(session)
+    return fanout
 
 
 async def _gc_record(server: Server, session: aiohttp.ClientSession) -> GcRecord | None:

@@ -6,13 +6,18 @@ connection, and how a publish frame looks on its wire.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,9 +25,9 @@ from typing import Protocol
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.services import LocalPostgres, free_port, wait_for_port
+from app.services import LocalPostgres, LocalRedis, free_port, wait_for_port
 
-#: The core the servers (and PostgreSQL) run on; the load generator takes the other one.
+#: The core the servers (and PostgreSQL and Redis) run on; the load generator takes the other.
 SERVER_CORE = 0
 #: The core of the load generator.
 CLIENT_CORE = 1
@@ -35,6 +40,8 @@ DURABLE_ROOM_PREFIX = "durable-"
 #: The presence scenario's room, and the prefix of its users' names (a number follows).
 PRESENCE_ROOM = "presence"
 PRESENCE_USER_PREFIX = "presence-"
+#: Seconds a hearth with Redis has to show its bridge delivers (its canary came back).
+BRIDGE_READY_TIMEOUT = 30.0
 
 
 #: The cores this process could use at start, before the benchmark pinned itself to one.
@@ -56,6 +63,24 @@ def pin(pid: int, core: int) -> None:
     """Pin process *pid* (0: this one) to *core* when the host has the benchmark's cores."""
     if pinning_available():
         os.sched_setaffinity(pid, {core})
+
+
+@contextlib.contextmanager
+def on_server_core() -> Iterator[None]:
+    """Run this process on the server core for a while, so that what it forks stays there.
+
+    For daemons (PostgreSQL's postmaster, Redis) that are forked by a tool and whose pids
+    or threads are not known in time to be pinned one by one.
+    """
+    if not pinning_available():
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    pin(0, SERVER_CORE)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -113,10 +138,14 @@ class Server:
             stderr=None,
         )
         try:
-            wait_for_port(self.port, timeout=30)
+            self._wait_ready()
         except Exception:
             self.stop()
             raise
+
+    def _wait_ready(self) -> None:
+        # Accepting connections is all a server without dependencies needs to be ready.
+        wait_for_port(self.port, timeout=30)
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
@@ -143,6 +172,9 @@ class Server:
 
     #: The path a subscriber's WebSocket opens.
     subscriber_path = "/ws"
+
+    async def login(self, session: aiohttp.ClientSession) -> None:
+        """Get the credentials every connection of the run shares, if the server has any."""
 
     async def open_subscriber(
         self, session: aiohttp.ClientSession
@@ -210,13 +242,17 @@ class SocketIO(Server):
 
 
 class HearthDatabase:
-    """hearth's throwaway PostgreSQL and data folder, shared by every hearth kind of a run."""
+    """hearth's throwaway PostgreSQL, Redis and data folder, shared by every hearth of a run.
+
+    Redis starts only when a scenario asks for it (`start_redis`).
+    """
 
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
         # The postgres system user must be able to enter it when we run as root.
         self.folder.chmod(0o755)
         self.postgres = LocalPostgres(self.folder / "pg", free_port())
+        self.redis: LocalRedis | None = None
         self._rooms = {BENCH_ROOM}
         # Presence users' tokens are this secret and the user's name; see create_users.
         self._token_prefix = f"bench-{uuid.uuid4().hex}-"
@@ -255,12 +291,8 @@ class HearthDatabase:
         if self.postgres.running():
             return
         # pg_ctl's postmaster and every backend it forks inherit this process's affinity.
-        before = os.sched_getaffinity(0)
-        pin(0, SERVER_CORE)
-        try:
+        with on_server_core():
             self.postgres.start()
-        finally:
-            os.sched_setaffinity(0, before)
         self._cli("migrate")
         self._cli("user", "add", BENCH_USER, "--password", BENCH_PASSWORD)
         self._cli("room", "create", BENCH_ROOM)
@@ -300,12 +332,28 @@ class HearthDatabase:
             self._users = count
         return [f"{self._token_prefix}{PRESENCE_USER_PREFIX}{number}" for number in range(count)]
 
+    def start_redis(self) -> str:
+        """Start the run's Redis on the server core, unless it runs, and return its URL.
+
+        In memory only: nothing of a benchmark needs to survive a Redis restart.
+        """
+        if self.redis is None:
+            self.redis = LocalRedis(self.folder / "redis", free_port(), persistent=False)
+        # The daemon and its threads inherit this process's affinity.
+        with on_server_core():
+            self.redis.start()
+        return self.redis.url
+
     def cleanup(self) -> None:
-        """Stop PostgreSQL and delete its files."""
+        """Stop Redis and PostgreSQL and delete their files."""
         try:
-            self.postgres.stop("immediate")
+            if self.redis is not None:
+                self.redis.stop()
         finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            try:
+                self.postgres.stop("immediate")
+            finally:
+                shutil.rmtree(self.folder, ignore_errors=True)
 
     def postgres_pids(self) -> list[int]:
         """The postmaster and every process it has forked (backends, writers, checkpointer)."""
@@ -388,15 +436,20 @@ class GcRecord:
 
 
 class Hearth(Server):
-    """The real server, ``python -m app serve``, against the run's throwaway PostgreSQL."""
+    """The real server, ``python -m app serve``, against the run's throwaway PostgreSQL.
+
+    With a *redis_url* it bridges its live traffic with every other hearth on that Redis.
+    """
 
     name = "hearth"
     #: HEARTH_EVENT_LOOP of the server process.
     event_loop = "asyncio"
 
-    def __init__(self, database: HearthDatabase, send_buffer: int = 0) -> None:
+    def __init__(self, database: HearthDatabase, send_buffer: int = 0, redis_url: str = "") -> None:
         super().__init__(send_buffer)
         self.database = database
+        #: HEARTH_REDIS_URL of the server process; empty: no bridge, the instance works alone.
+        self.redis_url = redis_url
         self.token = ""
         self.run_id = uuid.uuid4().hex[:8]
         self._requests = 0
@@ -408,6 +461,7 @@ class Hearth(Server):
             "HEARTH_PORT": str(self.port),
             "HEARTH_EVENT_LOOP": self.event_loop,
             "HEARTH_WS_SEND_BUFFER": str(self.send_buffer),
+            "HEARTH_REDIS_URL": self.redis_url,
         }
 
     def start(self) -> None:  # noqa: D102
@@ -415,6 +469,33 @@ class Hearth(Server):
         self.token = ""
         self.run_id = uuid.uuid4().hex[:8]
         self._spawn([sys.executable, "-m", "app", "serve"], env=self.env())
+
+    def _wait_ready(self) -> None:
+        super()._wait_ready()
+        if self.redis_url:
+            self._wait_bridged()
+
+    def _wait_bridged(self) -> None:
+        # The bridge reports connected only once its canary came back through Redis, that
+        # is once it is subscribed: a message published before then would never reach it.
+        url = f"http://127.0.0.1:{self.port}/health/ready"
+        deadline = time.monotonic() + BRIDGE_READY_TIMEOUT
+        state = None
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    body = json.load(response)
+            except urllib.error.HTTPError as error:  # 503 while the actors start
+                body = json.load(error)
+            except OSError:
+                body = {}
+            state = body.get("checks", {}).get("redis")
+            if state == "connected":
+                return
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"hearth on port {self.port}: Redis bridge {state!r} after {BRIDGE_READY_TIMEOUT} s"
+        )
 
     def extra_cpu_seconds(self) -> float:  # noqa: D102
         return self.database.cpu_seconds()
@@ -473,6 +554,13 @@ class Hearth(Server):
             sample for family in text_string_to_metric_families(text) for sample in family.samples
         ]
 
+    async def _counter(self, session: aiohttp.ClientSession, name: str, **labels: str) -> int:
+        # A labelled counter shows no sample until it is first incremented: 0 then.
+        for sample in await self._metrics(session):
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return int(sample.value)
+        return 0
+
     async def gc_record(self, session: aiohttp.ClientSession) -> GcRecord:
         """hearth's garbage collection figures now, from its /metrics."""
         collections, longest, at_most = 0.0, 0.0, dict[float, float]()
@@ -488,10 +576,11 @@ class Hearth(Server):
 
     async def slow_client_drops(self, session: aiohttp.ClientSession) -> int:
         """Clients hearth has dropped as too slow since it started."""
-        for sample in await self._metrics(session):
-            if sample.name == "hearth_slow_client_drops_total":
-                return int(sample.value)
-        return 0
+        return await self._counter(session, "hearth_slow_client_drops_total")
+
+    async def bridged_in(self, session: aiohttp.ClientSession) -> int:
+        """Room messages other instances stored that reached this one through Redis."""
+        return await self._counter(session, "hearth_bridge_messages_total", direction="in")
 
     def pub_frame(self, content, number):  # noqa: D102
         return json.dumps(

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from actors.db_monitor import DbMonitor
 from app import keys
+from app.api import client_address
 from app.auth import (
     DUMMY_HASH,
     Authenticator,
@@ -28,11 +29,20 @@ from app.auth import (
     verify_password,
 )
 from app.config import Settings
-from app.errors import AuthFailed, Conflict, DatabaseError, DatabaseRejected, ValidationError
+from app.errors import (
+    AuthFailed,
+    ConfigError,
+    Conflict,
+    DatabaseError,
+    DatabaseRejected,
+    ValidationError,
+)
 from app.log import setup_logging
 from app.ratelimit import KeyedBuckets
 from app.store import Store
 from app.web import create_app
+from tests.conftest import Hearth
+from tests.test_ratelimit import redis_db_url
 
 #: The password of every user the fixtures create.
 PASSWORD = "correct horse battery staple"
@@ -402,3 +412,114 @@ async def test_a_token_checked_moments_ago_costs_no_query_and_is_asked_again_lat
     await auth.logout(other)
     with pytest.raises(AuthFailed):
         await auth.authenticate(other)
+
+
+PROXIES = Settings.from_env({"HEARTH_TRUSTED_PROXIES": "10.0.0.0/8, 2001:db8::/32"})
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "client"),
+    [
+        # Not from a trusted proxy: the header is the client's say, ignored.
+        ("192.0.2.9", ["198.51.100.7"], "192.0.2.9"),
+        ("10.0.0.2", [], "10.0.0.2"),
+        ("10.0.0.2", ["198.51.100.7"], "198.51.100.7"),
+        # The right-most address that is not a trusted proxy; what is left of it is forged.
+        ("10.0.0.2", ["1.2.3.4, 198.51.100.7, 10.0.0.3"], "198.51.100.7"),
+        ("10.0.0.2", ["1.2.3.4", "198.51.100.7", "10.9.9.9"], "198.51.100.7"),
+        ("10.0.0.2", ["10.0.0.5, 10.0.0.4"], "10.0.0.5"),
+        ("2001:db8::1", ["2001:DB8:0::2, 2001:0db8::1:0:0:5, 203.0.113.4"], "203.0.113.4"),
+        ("2001:db8::1", ["2001:DB8::5"], "2001:db8::5"),
+        ("::ffff:10.0.0.2", ["::ffff:198.51.100.7"], "198.51.100.7"),
+        # Malformed on the way: the peer address, never an error.
+        ("10.0.0.2", ["not-an-ip"], "10.0.0.2"),
+        ("10.0.0.2", ["198.51.100.7, 198.51.100.8:443"], "10.0.0.2"),
+        ("10.0.0.2", ["198.51.100.7,,10.0.0.3"], "10.0.0.2"),
+        ("10.0.0.2", [""], "10.0.0.2"),
+        # Malformed left of the client is the client's business.
+        ("10.0.0.2", ["<script>, 198.51.100.7"], "198.51.100.7"),
+        (None, ["198.51.100.7"], "unknown"),
+    ],
+)
+def test_client_address_trusts_forwarded_for_only_from_trusted_proxies(peer, forwarded_for, client):
+    """X-Forwarded-For names the client only behind a trusted proxy: its right-most untrusted address."""
+    assert client_address(peer, forwarded_for, PROXIES.trusted_networks()) == client
+
+
+def test_trusted_proxies_must_be_addresses_or_networks():
+    """A HEARTH_TRUSTED_PROXIES entry that is no IP or CIDR stops the configuration."""
+    for value in ("10.0.0.0/33", "proxy.example", "10.0.0.1/8"):
+        with pytest.raises(ConfigError) as caught:
+            Settings.from_env({"HEARTH_TRUSTED_PROXIES": value})
+        assert caught.value.variable == "HEARTH_TRUSTED_PROXIES"
+
+
+async def forwarded_login(client, username: str, forwarded_for: str):
+    """POST a failing login for *username* as forwarded for *forwarded_for*; the response."""
+    response = await client.post(
+        "/api/v1/auth/login",
+        json={"username": username, "password": "wrong guess"},
+        headers={"X-Forwarded-For": forwarded_for},
+    )
+    await response.read()
+    return response
+
+
+async def test_login_throttle_keys_on_forwarded_for_only_behind_trusted_proxies(make_client):
+    """Behind a trusted proxy each forwarded client has its own login throttle (and log field); from an untrusted peer the header changes nothing."""
+    limits = {"HEARTH_LOGIN_RATE_PER_MIN": "2", "HEARTH_LOGIN_USER_RATE_PER_MIN": "100"}
+    stream = io.StringIO()
+    setup_logging(level="INFO", stream=stream)
+    try:
+        behind = await make_client(HEARTH_TRUSTED_PROXIES="127.0.0.1, ::1", **limits)
+        statuses = [
+            (await forwarded_login(behind, "nobody", forwarded)).status
+            for forwarded in ("198.51.100.7", "1.1.1.1, 198.51.100.7", "198.51.100.7",
+                              "198.51.100.8", "bogus", "bogus", "bogus")
+        ]  # fmt: skip
+        # The malformed ones fall back on the proxy's own address: a bucket of their own.
+        assert statuses == [401, 401, 429, 401, 401, 401, 429]
+        direct = await make_client(**limits)
+        statuses = [
+            (await forwarded_login(direct, "nobody", forwarded)).status
+            for forwarded in ("198.51.100.7", "198.51.100.8", "198.51.100.9")
+        ]
+        assert statuses == [401, 401, 429]
+    finally:
+        setup_logging(level="INFO")
+    failed = [json.loads(line) for line in stream.getvalue().splitlines()]
+    addresses = [line["client_ip"] for line in failed if line["msg"] == "login failed"]
+    assert addresses[:4] == ["198.51.100.7", "198.51.100.7", "198.51.100.8", "127.0.0.1"]
+
+
+@pytest.mark.parametrize("scope", ["client_ip", "username"])
+async def test_login_throttle_is_shared_by_instances_through_redis(
+    make_hearth, redis_server, scope
+):
+    """Login attempts on two instances sharing Redis count against one throttle, per IP and per username."""
+    redis_url = await redis_db_url(redis_server)
+    # Five a minute: each instance's start-up logs four users in from 127.0.0.1 (locally).
+    limits = {"HEARTH_LOGIN_RATE_PER_MIN": "5", "HEARTH_LOGIN_USER_RATE_PER_MIN": "100"}
+    if scope == "username":
+        limits = {"HEARTH_LOGIN_RATE_PER_MIN": "100", "HEARTH_LOGIN_USER_RATE_PER_MIN": "5"}
+    first = await make_hearth(HEARTH_REDIS_URL=redis_url, **limits)
+    second = await make_hearth(HEARTH_REDIS_URL=redis_url, **limits)
+
+    async def attempt(hearth, username: str, password: str = "wrong guess"):
+        async with hearth.session.post(
+            f"{hearth.url}api/v1/auth/login", json={"username": username, "password": password}
+        ) as response:
+            return response.status, response.headers.get("Retry-After"), await response.json()
+
+    username = (lambda index: "alice") if scope == "username" else (lambda index: f"n{index}")
+    statuses = [
+        (await attempt(hearth, username(index)))[0]
+        for index, hearth in enumerate([first, first, second, second, first])
+    ]
+    assert statuses == [401] * 5
+    status, retry_after, body = await attempt(second, "alice", Hearth.PASSWORD)
+    assert status == 429 and body["ctrl"]["params"]["error"] == "RATE_LIMIT_EXCEEDED"
+    # Five a minute refill one attempt every 12 seconds.
+    assert 1 <= body["ctrl"]["params"]["retry_after"] <= 12
+    assert retry_after == str(body["ctrl"]["params"]["retry_after"])
+    assert (await attempt(first, "alice", Hearth.PASSWORD))[0] == 429

@@ -24,6 +24,10 @@ SLOW_KEYS = {
 }  # fmt: skip
 HEARTH_KINDS = ["hearth", "hearth-uvloop"]
 ALL_KINDS = ["floor", "hearth", "hearth-uvloop", "socketio"]
+CROSS_RUN_KEYS = {
+    "deliveries_per_s", "p50_ms", "p99_ms", "max_ms", "lost", "expected", "received",
+    "bridged_in",
+}  # fmt: skip
 DURABLE_KEYS = {
     "acknowledged", "stored_200", "queued_202", "acks_per_s", "p50_ms", "p99_ms", "max_ms",
     "errors", "cpu_us_per_publish", "postgres_cpu_us_per_publish", "cores",
@@ -32,7 +36,8 @@ DURABLE_KEYS = {
 
 def test_quick_bench_delivers_everything_and_writes_json(tmp_path: Path) -> None:
     """A quick run delivers every publish on every server kind, has hearth acknowledge durable
-    publishes, list every joined user and drop a stalled reader, and records the figures."""
+    publishes, list every joined user, drop a stalled reader and deliver through Redis from
+    one instance to another, and records the figures."""
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--output", str(tmp_path)],
         cwd=ROOT,
@@ -100,5 +105,18 @@ def test_quick_bench_delivers_everything_and_writes_json(tmp_path: Path) -> None
             # hearth drops the reader that stopped, and the others lose nothing.
             assert row["stalled_dropped"] == row["slow_client_drops"] == 1, row
             assert row["lost"] == 0, row
+    cross = [r for r in document["rows"] if r["scenario"] == "cross"]
+    assert [(r["server"], r["n"]) for r in cross] == [("hearth", 20)]
+    (row,) = cross
+    for run in (row["single"], row["cross"]):
+        assert CROSS_RUN_KEYS <= run.keys()
+        assert run["received"] == run["expected"] == run["published"] * 20 > 0, run
+        assert run["lost"] == 0 and run["publish_errors"] == 0, run
+        assert run["p50_ms"] <= run["p99_ms"] <= run["max_ms"], run
+    # Alone, the instance stores what it delivers; across, every message came through Redis.
+    assert row["single"]["bridged_in"] == 0, row["single"]
+    assert row["cross"]["bridged_in"] == row["cross"]["published"], row["cross"]
+    assert row["p99_ratio"] == round(row["cross"]["p99_ms"] / row["single"]["p99_ms"], 2) > 0
+    assert document["settings"]["cross_subscribers"] == 20
     shown = {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
-    assert {"fanout", "idle", "durable", "presence", "slow"} <= shown
+    assert {"fanout", "idle", "durable", "presence", "slow", "cross"} <= shown
