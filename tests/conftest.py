@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import itertools
 import json
 import os
@@ -21,7 +22,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from app.services import LocalPostgres, LocalRedis, free_port
+from app.log import setup_logging
+from app.services import LocalPostgres, LocalRedis, _read_pid, free_port
 
 _database_names = itertools.count(1)
 
@@ -29,8 +31,6 @@ _database_names = itertools.count(1)
 @pytest.fixture(scope="session", autouse=True)
 def json_logging() -> None:
     """Every test logs through the production JSON sinks, so formatting bugs surface anywhere."""
-    from app.log import setup_logging
-
     setup_logging(level="INFO")
 
 
@@ -59,17 +59,42 @@ def own_postgres() -> Iterator[LocalPostgres]:
     yield from _throwaway_postgres()
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[LocalRedis]:
-    """A throwaway Redis server for the whole session."""
+def _throwaway_redis() -> Iterator[LocalRedis]:
     data = Path(tempfile.mkdtemp(prefix="hearth-redis-"))
     server = LocalRedis(data, free_port(), persistent=False)
     server.start()
     try:
         yield server
     finally:
+        pid = _read_pid(server.pid_file)
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)  # a test may have left it stopped
         server.stop()
         shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[LocalRedis]:
+    """A throwaway Redis server for the whole session."""
+    yield from _throwaway_redis()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[LocalRedis]:
+    """A Redis server of one test alone, free to be killed, stopped and restarted."""
+    yield from _throwaway_redis()
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """Every JSON log line of the test, from DEBUG up."""
+    stream = io.StringIO()
+    setup_logging(level="DEBUG", stream=stream)
+    try:
+        yield stream
+    finally:
+        # Back to what the session's json_logging fixture set up.
+        setup_logging(level="INFO")
 
 
 @pytest.fixture

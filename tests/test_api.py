@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from app.api import MAX_BODY_BYTES
-from app.log import setup_logging
 from tests.conftest import Hearth
 
 #: A body every JSON endpoint accepts; each reads its own fields and ignores the others.
@@ -34,18 +33,6 @@ ENDPOINTS = {
     "create room": ("/api/v1/rooms", "root"),
     "add member": ("/api/v1/rooms/secret/members", "root"),
 }
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """Every JSON log line of the test, from DEBUG up."""
-    stream = io.StringIO()
-    setup_logging(level="DEBUG", stream=stream)
-    try:
-        yield stream
-    finally:
-        # Back to what the session's json_logging fixture set up.
-        setup_logging(level="INFO")
 
 
 def _records(stream: io.StringIO) -> list[dict[str, Any]]:

@@ -16,7 +16,6 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from app.log import setup_logging
 from app.ratelimit import (
     REDIS_KEY_PREFIX,
     USER_PUBLISH_SCOPE,
@@ -69,17 +68,6 @@ async def client(redis_url) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """Every JSON log line of the test, from DEBUG up."""
-    stream = io.StringIO()
-    setup_logging(level="DEBUG", stream=stream)
-    try:
-        yield stream
-    finally:
-        setup_logging(level="INFO")
 
 
 def _records(stream: io.StringIO) -> list[dict]:

@@ -6,34 +6,15 @@ import asyncio
 import itertools
 import json
 import os
-import shutil
 import signal
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from app import keys
-from app.services import LocalRedis, _read_pid, free_port
+from app.services import _read_pid
 from tests.conftest import start_hearth, wait_until
 from tests.test_room_writer import UNLIMITED
-
-
-@pytest.fixture
-def own_redis():
-    """A Redis server of one test alone, free to be killed, stopped and restarted."""
-    data = Path(tempfile.mkdtemp(prefix="hearth-redis-"))
-    server = LocalRedis(data, free_port(), persistent=False)
-    server.start()
-    try:
-        yield server
-    finally:
-        pid = _read_pid(server.pid_file)
-        if pid is not None:
-            os.kill(pid, signal.SIGCONT)
-        server.stop()
-        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture
