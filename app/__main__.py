@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import os
 import secrets
 import shutil
 import sys
@@ -25,6 +27,9 @@ VAR_DIR = Path("var")
 #: The admin user and public room ``demo`` creates on a fresh database.
 DEMO_ADMIN = "admin"
 DEMO_ROOM = "lobby"
+#: Where ``demo`` keeps the demo admin's password (one 0600 file per database) so ``serve``
+#: can show it on every ``make run``; ``make clean`` deletes it with the rest of ``var/``.
+DEMO_CREDENTIALS = VAR_DIR / "demo-credentials"
 #: Loopback ports of the development services.
 DEV_PG_PORT = 55432
 DEV_REDIS_PORT = 56379
@@ -60,15 +65,71 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.web import serve
 
     settings = _load_settings()
+
+    async def serve_and_announce() -> None:
+        server = asyncio.ensure_future(serve(settings))
+        await _announce_when_listening(settings, server)
+        await server
+
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
-            runner.run(serve(settings))
+            runner.run(serve_and_announce())
     except OSError as exc:
         log.bind(host=settings.host, port=settings.port, error=exc.strerror).log(
             "FATAL", "cannot listen"
         )
         return 1
     return 0
+
+
+async def _announce_when_listening(settings: Settings, server: asyncio.Future[None]) -> None:
+    """Once the port of *settings* accepts connections, print the URL and the demo login.
+
+    They are the last lines ``make run`` shows before the logs of requests. Nothing is
+    printed when *server* ends first (it could not listen).
+    """
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    while not server.done():
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, settings.port), 1.0)
+        except (OSError, TimeoutError):
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        break
+    else:
+        return
+    print(f"hearth is serving on http://{host}:{settings.port}", flush=True)
+    credentials = _demo_credentials(settings.database_url)
+    if credentials is not None:
+        print(f"demo login: {credentials[0]} / {credentials[1]}", flush=True)
+
+
+def _demo_credentials_file(database_url: str) -> Path:
+    # One file per database: ``demo`` run on another database (a test's) never replaces
+    # the login of ``make run``'s.
+    digest = hashlib.sha256(database_url.encode()).hexdigest()[:16]
+    return DEMO_CREDENTIALS / digest
+
+
+def _demo_credentials(database_url: str) -> tuple[str, str] | None:
+    """The demo admin's username and password ``demo`` saved for *database_url*, or None."""
+    try:
+        text = _demo_credentials_file(database_url).read_text(encoding="utf-8")
+        username, password = text.split()[:2]
+    except (OSError, ValueError):
+        return None
+    return username, password
+
+
+def _save_demo_credentials(database_url: str, username: str, password: str) -> None:
+    """Keep the demo login of *database_url* under `DEMO_CREDENTIALS`, for this user only."""
+    path = _demo_credentials_file(database_url)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(f"{username}\n{password}\n")
 
 
 def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -265,16 +326,27 @@ def cmd_room(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Seed a fresh database: an ``admin`` user (password printed once) and a public ``lobby``."""
+    """Seed a fresh database: an ``admin`` user and a public ``lobby``.
+
+    The password is printed, and kept under ``var/demo-credentials/`` (mode 0600) so that
+    ``serve`` shows it again on every ``make run``.
+    """
     from app.auth import hash_password
 
     async def seed(store: Store) -> None:
+        database_url = store.dsn
         if not await store.has_users():
             password = secrets.token_urlsafe(12)
             password_hash = await asyncio.to_thread(hash_password, password)
             await store.create_user(DEMO_ADMIN, password_hash, is_admin=True)
-            # The only time this password is ever shown; stdout, never the logs.
+            _save_demo_credentials(database_url, DEMO_ADMIN, password)
+            # stdout and the 0600 file, never the logs.
             print(f"demo admin user: {DEMO_ADMIN} / password: {password}", flush=True)
+        elif _demo_credentials(database_url) is None:
+            log.warning(
+                "no saved demo login for this database (users existed before, or an older "
+                "version made them); make clean starts over"
+            )
         if await store.create_room(DEMO_ROOM):
             log.bind(topic=f"room:{DEMO_ROOM}").info("demo room created")
 

@@ -14,6 +14,7 @@ from actors.db_monitor import RefreshRoom
 from app import keys
 from app.auth import User, check_username
 from app.config import IPNetwork
+from app.directory import Member
 from app.errors import (
     AppError,
     AuthRequired,
@@ -191,6 +192,21 @@ async def _refresh_directory(request: web.Request, room: str) -> None:
         log.bind(topic=f"room:{room}", error=exc.code).warning(
             "room directory not refreshed; the room's notification will do it"
         )
+
+
+@routes.get("/api/v1/rooms")
+async def list_rooms(request: web.Request) -> web.Response:
+    """The rooms the bearer may enter, from the in-memory room directory (no query, so it
+    answers during a database outage too): ``{rooms: [{name, private, last_seq}]}``."""
+    user = await request.app[keys.AUTH].authenticate(bearer_token(request))
+    member = Member(user_id=user.id, is_admin=user.is_admin)
+    visible = request.app[keys.DIRECTORY].visible_to(member)
+    return web.json_response({
+        "rooms": [
+            {"name": room.name, "private": room.is_private, "last_seq": room.last_seq}
+            for room in visible
+        ]
+    })  # fmt: skip
 
 
 @routes.post("/api/v1/rooms")

@@ -52,6 +52,17 @@ class RoomDirectory:
         """The room called *name*, or None."""
         return self._rooms.get(name)
 
+    def visible_to(self, member: Member) -> list[RoomRecord]:
+        """The rooms *member* may enter, by name: public ones, private ones they belong to,
+        and every room for an admin. Raises `DatabaseError` before the first load."""
+        if not self.loaded:
+            raise DatabaseError("room directory not loaded yet")
+        return [
+            record
+            for name, record in sorted(self._rooms.items())
+            if not record.is_private or member.is_admin or member.user_id in record.members
+        ]
+
     def check_access(self, member: Member, room: str) -> RoomRecord:
         """Return *room* when *member* may read and post there, else raise.
 

@@ -28,7 +28,7 @@ from actors.hub import Announce, Deliver, Hub, Registry, RemotePresence, ResyncA
 from actors.redis_bridge import Outgoing, PresenceChanged, RedisBridge
 from actors.room_writer import DrainTick, Outlet, RoomWriter, StopAccepting
 from actors.supervisor import Supervisor
-from app import api, health, keys, metrics, ws
+from app import api, health, keys, metrics, pages, ws
 from app.auth import Authenticator
 from app.config import Settings
 from app.crypto import parse_keys
@@ -176,6 +176,7 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
     app.add_routes(health.routes)
     app.add_routes(api.routes)
     app.add_routes(ws.routes)
+    app.add_routes(pages.routes)
     app.router.add_get("/metrics", server_stats)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES_DIR))
     app.cleanup_ctx.append(_loop_ctx)

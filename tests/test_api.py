@@ -69,3 +69,29 @@ async def test_bad_bodies_are_400_in_the_error_model(make_hearth, log_lines, end
     assert len(rejections) == 2 * len(BAD_BODIES)
     assert {r["level"] for r in rejections} == {"info"}
     assert [r for r in records if r["level"] in ("error", "fatal") or "stack" in r] == []
+
+
+async def test_room_list_shows_each_user_the_rooms_they_may_enter_even_while_postgres_is_down(
+    make_hearth, own_postgres
+):
+    """GET /api/v1/rooms: public rooms for everyone, a private room for its members and admins, 401 without a token; it reads the room directory, so it still answers with PostgreSQL stopped."""
+    import asyncio
+
+    hearth = await make_hearth(own_postgres.create_database("room_list"))
+
+    async def names(user: str | None) -> tuple[int, list[str]]:
+        headers = {"Authorization": f"Bearer {hearth.tokens[user]}"} if user else {}
+        async with hearth.session.get(f"{hearth.url}api/v1/rooms", headers=headers) as response:
+            body = await response.json()
+            return response.status, [room["name"] for room in body.get("rooms", [])]
+
+    assert await names("alice") == (200, ["lobby"])
+    assert await names("bob") == (200, ["lobby", "secret"])  # bob is a member of secret
+    assert await names("root") == (200, ["lobby", "secret"])
+    assert (await names(None))[0] == 401
+    await names("alice")  # alice's token is now known, for the outage
+    await asyncio.to_thread(own_postgres.stop, "fast")
+    try:
+        assert await names("alice") == (200, ["lobby"])
+    finally:
+        await asyncio.to_thread(own_postgres.start)
