@@ -11,6 +11,8 @@ from aiohttp.test_utils import TestServer
 
 from app import keys
 from app.demo_upstream import create_demo_app
+from app.models import Message
+from app.store import Store
 from app.web import create_app
 from tests.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ConsoleWatch, ensure_chromium
 from tests.conftest import Hearth
@@ -174,11 +176,25 @@ async def test_server_restart_mid_conversation(make_hearth, browser, console):
     await say(alice, "typed while the server is away")
     await alice.wait_for_selector("#messages li[data-state=pending]")
     await screenshot(alice, "restart-offline")
+    # Stored while this server is away (as another instance would): only recovery with
+    # since can bring these to the pages.
+    while_down = [f"stored while the server was down {n}" for n in range(1, 4)]
+    store = Store(hearth.database)
+    await store.open()
+    try:
+        for number, text in enumerate(while_down):
+            await store.insert_message(
+                Message.accept(
+                    room="lobby", sender="carol", content=text, client_msg_id=f"down-{number}"
+                )
+            )
+    finally:
+        await store.close()
     await start_again(hearth, port)
     carol = await hearth.connect("carol")
-    outage = [f"during the outage {n}" for n in range(1, 6)]
+    outage = [*while_down, *(f"during the outage {n}" for n in range(1, 6))]
     reconnected_early = [await p.get_attribute("#connection", "data-state") for p in (alice, bob)]
-    for number, text in enumerate(outage):
+    for number, text in enumerate(outage[len(while_down) :]):
         ctrl = await carol.request(
             "pub", topic="room:lobby", content=text, client_msg_id=f"carol-{number}"
         )
