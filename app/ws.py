@@ -97,6 +97,7 @@ class Session:
         "app", "connection", "hub", "writers", "store", "directory", "status_topics",
         "authenticated", "auth_failures", "publish_bucket", "user_buckets",
         "max_content_length", "deadline", "repairs", "requests", "closing", "auth_deadline",
+        "authenticating",
     )  # fmt: skip
 
     def __init__(self, app: web.Application, connection: Connection) -> None:
@@ -126,6 +127,8 @@ class Session:
         self.requests: set[asyncio.Task[None]] | None = None
         #: Closes the client if no ``auth`` succeeds in time; cancelled by the first that does.
         self.auth_deadline: asyncio.TimerHandle | None = None
+        #: True while an ``auth`` waits for its answer (say, on a slow database).
+        self.authenticating = False
         #: Set once the client left: no new repair starts.
         self.closing = False
         connection.on_gap = self.repair_gap
@@ -210,6 +213,7 @@ class Session:
     async def auth(self, request: Request, reply: Reply) -> None:
         """``auth {token}``: authenticate the connection; 3 failures close it with 1008."""
         authenticator = self.app[keys.AUTH]
+        self.authenticating = True
         try:
             user = await authenticator.authenticate(request.fields["token"])
         except AuthFailed:
@@ -219,6 +223,8 @@ class Session:
                 self.connection.shut(CLOSE_POLICY, "too many failed auth attempts")
                 return
             raise
+        finally:
+            self.authenticating = False
         connection = self.connection
         connection.user_id, connection.username, connection.is_admin = (
             user.id,
@@ -500,9 +506,17 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 def _auth_timeout(session: Session) -> None:
-    if not session.authenticated:
-        log.bind(client_id=session.connection.id).info("no auth in time; closing")
-        session.connection.shut(CLOSE_POLICY, "authentication timeout")
+    if session.authenticated:
+        return
+    if session.authenticating:
+        # A slow database is no reason to log the client out (1008 means "log in again"):
+        # its auth is answered within the request deadline; judge again after that.
+        session.auth_deadline = asyncio.get_running_loop().call_later(
+            session.deadline, _auth_timeout, session
+        )
+        return
+    log.bind(client_id=session.connection.id).info("no auth in time; closing")
+    session.connection.shut(CLOSE_POLICY, "authentication timeout")
 
 
 __all__ = ["origin_allowed", "routes", "websocket", "Session"]

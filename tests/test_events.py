@@ -312,10 +312,14 @@ async def test_unreachable_upstream_is_a_connection_error(make_hearth):
     """A refused connection counts as a failure and opens the breaker."""
     url = f"http://127.0.0.1:{free_port()}/rpc"
     sources = json.dumps([{"name": "agent_status", "url": url, "method": "agent_status"}])
-    hearth = await make_hearth(HEARTH_EVENT_SOURCES=sources, **FAST)
+    # Polls 1 s apart: the breaker opens on the third failure, after the client subscribed
+    # even on a loaded machine (an event sent before the subscription reaches nobody).
+    hearth = await make_hearth(
+        HEARTH_EVENT_SOURCES=sources, **{**FAST, "HEARTH_EVENT_INTERVAL": "1.0"}
+    )
     client = await hearth.connect("alice")
     await client.request("sub", topic="status:agent_status")
-    frames = await frames_until(client, lambda f: is_event(f, "error", "CIRCUIT_OPEN"))
+    frames = await frames_until(client, lambda f: is_event(f, "error", "CIRCUIT_OPEN"), timeout=15)
     assert feed_status(hearth, "agent_status")["calls"]["connection_error"] == 3
     assert url.rsplit(":", 1)[1].split("/")[0] not in json.dumps(frames)
 

@@ -88,8 +88,10 @@ function startChat() {
   client.on('error', onError);
   client.on('reconnect', () => {
     $('error-banner').hidden = true;
-    loadRooms();
   });
+  // Every time the connection is ready (the first time too): a list that could not load
+  // before (the database away, the token not yet vouched for) loads now.
+  client.on('stateChange', ({ state }) => state === 'ready' && loadRooms());
   client.on('disconnect', markStatusStale);
   for (const feed of document.querySelectorAll('[data-feed]')) {
     client.subscribeStatus(feed.dataset.feed);
@@ -97,7 +99,6 @@ function startChat() {
   client.connect();
   const wanted = localStorage.getItem(ROOM_KEY) || 'lobby';
   selectRoom(wanted);
-  loadRooms();
 }
 
 async function loadRooms() {
