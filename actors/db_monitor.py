@@ -114,6 +114,8 @@ class DbMonitor(Actor):
         # Set once the listener's LISTEN is active (or it failed trying).
         self._listening = asyncio.Event()
         self._check_queued = False
+        #: Monotonic start of the ping under way, None between pings.
+        self.ping_started_at: float | None = None
 
     async def on_start(self) -> None:
         await self.store.open()
@@ -161,12 +163,25 @@ class DbMonitor(Actor):
         self._check_queued = False
         await self._ping()
 
+    def ping_waiting(self) -> float:
+        """Seconds the ping under way has waited so far: a hung server shows here long
+        before the ping's deadline turns it into a timeout. 0 between pings."""
+        started = self.ping_started_at
+        return 0.0 if started is None else time.monotonic() - started
+
+    def last_ok_age(self) -> float | None:
+        """Seconds since a ping last succeeded; None before the first."""
+        return None if self.last_ok_at is None else time.monotonic() - self.last_ok_at
+
     async def _ping(self) -> bool:
+        self.ping_started_at = time.monotonic()
         try:
             self.latency = await self.store.ping()
         except Exception as exc:
             await self._ping_failed(exc)
             return False
+        finally:
+            self.ping_started_at = None
         metrics.DB_PING_SECONDS.set(self.latency)
         self.last_ok_at = time.monotonic()
         if self.db_state is not DbState.CONNECTED:

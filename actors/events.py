@@ -23,6 +23,7 @@ from actors.hub import Hub, StatusUpdate, TopicEvent
 from app import metrics
 from app.errors import CircuitOpen, MailboxFull, RpcFailure
 from app.log import get_logger, iso_utc, redact_text
+from app.looplag import LoopLag
 from app.protocol import error_data
 from app.resilience import BreakerState, CircuitBreaker
 from app.sources import PROBE_HEADER, SYSTEM_KIND, Source
@@ -49,8 +50,6 @@ NO_DATA_TEXT = "upstream unavailable; no data yet"
 FAILURE_TEXT = "status poll failed"
 CIRCUIT_OPEN_TEXT = "upstream circuit open; probing for recovery"
 RECOVERED_TEXT = "upstream recovered"
-#: How far ahead the loop-lag check is scheduled; how late it runs is the lag.
-_LAG_PROBE_DELAY = 0.01
 
 
 # -- state that outlives a restart ------------------------------------------------------------
@@ -171,6 +170,7 @@ class EventSubscriber(Actor):
         open_seconds: float = 30.0,
         probe_seconds: float = 10.0,
         disk_path: str = ".",
+        loop_lag: LoopLag | None = None,
         **actor_options: Any,
     ) -> None:
         super().__init__("events", **actor_options)
@@ -179,16 +179,15 @@ class EventSubscriber(Actor):
         self.open_seconds = open_seconds
         self.probe_seconds = probe_seconds
         self.disk_path = disk_path
+        #: The process's loop-lag probe, shown in system_status.
+        self.loop_lag = loop_lag if loop_lag is not None else LoopLag()
         for source in sources:
             if source.name not in self.cache.feeds:
                 self.cache.feeds[source.name] = Feed(source, self._breaker_for(source))
-        #: Latest event-loop lag measured, in seconds.
-        self.loop_lag: float | None = None
         self._session: aiohttp.ClientSession | None = None
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._probe_timers: dict[str, Timer] = {}
         self._rpc_ids = itertools.count(1)
-        self._lag_check: asyncio.TimerHandle | None = None
         self._cpu_mark = (time.monotonic(), time.process_time())
         #: Called with (``upstream:<name>``, new state, old state) on every breaker change.
         self.listeners: list[Callable[[str, str, str], None]] = []
@@ -223,9 +222,6 @@ class EventSubscriber(Actor):
                 self._start_probing(name)
 
     async def on_stop(self) -> None:
-        if self._lag_check is not None:
-            self._lag_check.cancel()
-            self._lag_check = None
         # Calls in flight were spawned by this incarnation: the runtime has ended them.
         if self._session is not None:
             await self._session.close()
@@ -251,8 +247,7 @@ class EventSubscriber(Actor):
             }
             for name, feed in self.cache.feeds.items()
         }
-        lag_ms = None if self.loop_lag is None else round(self.loop_lag * 1000, 2)
-        return {"feeds": feeds, "loop_lag_ms": lag_ms}
+        return {"feeds": feeds, "loop_lag_ms": _ms(self.loop_lag.recent)}
 
     # -- polling -------------------------------------------------------------------------------
 
@@ -452,21 +447,13 @@ class EventSubscriber(Actor):
             "memory": {"rss_bytes": _rss_bytes(), "available_bytes": _mem_available()},
             "disk": {"free_bytes": disk_free},
             "connections": len(self.hub.registry.connections),
-            "loop_lag_ms": None if self.loop_lag is None else round(self.loop_lag * 1000, 1),
+            "loop_lag_ms": _ms(self.loop_lag.recent),
         }
-        self._measure_loop_lag()
         return snapshot
 
-    def _measure_loop_lag(self) -> None:
-        loop = asyncio.get_running_loop()
-        scheduled = loop.time() + _LAG_PROBE_DELAY
 
-        def measured() -> None:
-            self.loop_lag = max(0.0, loop.time() - scheduled)
-            self._lag_check = None
-
-        if self._lag_check is None:
-            self._lag_check = loop.call_later(_LAG_PROBE_DELAY, measured)
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
 
 
 def _failure(outcome: str, detail: str) -> RpcFailure:

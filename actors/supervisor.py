@@ -149,6 +149,11 @@ class Supervisor:
         self._stopping = False
 
     @property
+    def supervising(self) -> bool:
+        """Whether the watchdog runs: the supervisor started and is not stopping."""
+        return self._watchdog is not None and not self._watchdog.done() and not self._stopping
+
+    @property
     def ready(self) -> bool:
         """Whether every non-temporary child runs and is ready, so none has failed.
 

@@ -11,11 +11,30 @@ from app import keys
 
 routes = web.RouteTableDef()
 
+#: Event-loop lag past which the process counts as not alive: it no longer serves in time.
+MAX_LOOP_LAG = 2.0
+#: A ping waiting this long means a hung database, long before the ping's own deadline.
+HUNG_PING = 1.0
+#: Readiness asks for a fresh ping when the last good one is older than this.
+PING_FRESHNESS = 1.0
+
 
 @routes.get("/health/live")
 async def live(request: web.Request) -> web.Response:
-    """200 while the process serves HTTP at all."""
-    return web.json_response({"status": "alive"})
+    """200 while the event loop keeps up and the supervisor runs; no auth, no I/O."""
+    supervisor = request.app.get(keys.SUPERVISOR)
+    reasons = []
+    if supervisor is None or not supervisor.supervising:
+        reasons.append("supervisor")
+    lag = request.app[keys.LOOP_LAG].recent
+    if lag is not None and lag > MAX_LOOP_LAG:
+        reasons.append("event_loop_lag")
+    body = {
+        "status": "not_alive" if reasons else "alive",
+        "reasons": reasons,
+        "loop_lag_ms": None if lag is None else round(lag * 1000, 2),
+    }
+    return web.json_response(body, status=503 if reasons else 200)
 
 
 def _checks(supervisor) -> dict[str, Any]:
@@ -26,7 +45,13 @@ def _checks(supervisor) -> dict[str, Any]:
     checks: dict[str, Any] = {}
     monitor = supervisor.find("db_monitor")
     if monitor is not None:
-        checks["database"] = monitor.status()["db_state"]
+        # Read, never queried: a hung database cannot hang this probe. A stale answer
+        # asks the monitor for a ping, so a hang shows as "unresponsive" within ~2 s.
+        age = monitor.last_ok_age()
+        if age is None or age > PING_FRESHNESS:
+            monitor.check_soon()
+        hung = monitor.ping_waiting() > HUNG_PING
+        checks["database"] = "unresponsive" if hung else monitor.status()["db_state"]
     bridge = supervisor.find("redis_bridge")
     if bridge is None:
         checks["redis"] = "disabled"

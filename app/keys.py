@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from app.auth import Authenticator
     from app.config import Settings
     from app.directory import RoomDirectory
+    from app.looplag import LoopLag
     from app.ratelimit import KeyedBuckets
     from app.spool import Spool
     from app.store import Store
@@ -52,3 +53,5 @@ STATUS_TOPICS: web.AppKey[frozenset[str]] = web.AppKey("status_topics")
 REDIS: web.AppKey[aioredis.Redis | None] = web.AppKey("redis")
 #: This process's id among the instances sharing Redis (random per start).
 INSTANCE_ID: web.AppKey[str] = web.AppKey("instance_id")
+#: How late the event loop runs callbacks; liveness and system_status read it.
+LOOP_LAG: web.AppKey[LoopLag] = web.AppKey("loop_lag")

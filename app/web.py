@@ -35,6 +35,7 @@ from app.crypto import parse_keys
 from app.directory import RoomDirectory
 from app.errors import MailboxFull
 from app.log import get_logger, install_loop_exception_handler
+from app.looplag import LoopLag
 from app.middleware import trace_middleware
 from app.ratelimit import KeyedBuckets
 from app.resilience import Backoff
@@ -89,6 +90,7 @@ def default_actors(app: web.Application) -> list[Actor]:
         open_seconds=settings.breaker_open_seconds,
         probe_seconds=settings.breaker_probe_seconds,
         disk_path=settings.spool_dir,
+        loop_lag=app[keys.LOOP_LAG],
         **options,
     )
     events.listeners.append(
@@ -193,7 +195,10 @@ async def _loop_ctx(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     previous = loop.get_exception_handler()
     install_loop_exception_handler(loop)
+    lag = app[keys.LOOP_LAG] = LoopLag()
+    lag.start()
     yield
+    lag.stop()
     loop.set_exception_handler(previous)
 
 

@@ -113,3 +113,54 @@ async def test_peer_that_never_answers_pings_is_closed(make_hearth):
     assert await asyncio.to_thread(silent.closed_by_server, 5)
     await wait_until(lambda: not registry.connections, 5, "the dead peer's removal")
     silent.sock.close()
+
+
+async def test_a_hung_database_shows_in_readiness_within_2_s_while_liveness_stays_200(
+    make_hearth, own_postgres
+):
+    """With PostgreSQL SIGSTOPped, every probe answers within 1 s; readiness reports the database unresponsive within 2 s and stays 200 (publishes spool); liveness stays 200; after SIGCONT it is connected again."""
+    from tests.conftest import hung
+
+    hearth = await make_hearth(own_postgres.create_database("hung_probe"))
+
+    async def probe(path: str) -> tuple[int, dict, float]:
+        started = time.monotonic()
+        async with hearth.session.get(f"{hearth.url}{path}") as response:
+            return response.status, await response.json(), time.monotonic() - started
+
+    with hung(own_postgres):
+        stopped = time.monotonic()
+        seen = None
+        while time.monotonic() - stopped < 4:
+            status, body, took = await probe("health/ready")
+            assert took < 1.0 and status == 200, (took, body)
+            live_status, _, live_took = await probe("health/live")
+            assert live_status == 200 and live_took < 1.0
+            if body["checks"]["database"] != "connected":
+                seen = time.monotonic() - stopped
+                break
+            await asyncio.sleep(0.2)
+        assert seen is not None and seen < 2.0, seen
+        assert body["checks"]["database"] in ("unresponsive", "disconnected"), body
+    deadline = time.monotonic() + 15
+    while (await probe("health/ready"))[1]["checks"]["database"] != "connected":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+
+
+async def test_liveness_turns_503_while_the_event_loop_lags_and_back_to_200(make_hearth):
+    """A loop blocked for 2.5 s is seen by the lag probe: liveness answers 503 naming it, then 200 once the block is out of the 5 s window."""
+    hearth = await make_hearth()
+    await asyncio.sleep(0.5)  # a first lag measurement
+    asyncio.get_running_loop().call_soon(time.sleep, 2.5)  # blocks the loop for real
+    await asyncio.sleep(0.1)
+    async with hearth.session.get(f"{hearth.url}health/live") as response:
+        body = await response.json()
+        assert response.status == 503 and body["reasons"] == ["event_loop_lag"], body
+    deadline = time.monotonic() + 8
+    while True:
+        async with hearth.session.get(f"{hearth.url}health/live") as response:
+            if response.status == 200:
+                break
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
