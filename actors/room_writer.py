@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 import zlib
 from collections import deque
@@ -28,7 +27,7 @@ from app.errors import (
 from app.log import get_logger, trace_context
 from app.models import Message
 from app.resilience import Backoff
-from app.spool import Spool, SpoolEntry
+from app.spool import Spool, SpoolEntry, open_record, seal_record
 from app.store import Store
 
 log = get_logger("room_writer")
@@ -523,21 +522,11 @@ class RoomWriter(Actor):
     # -- spool records -------------------------------------------------------------------------
 
     def _seal(self, message: Message) -> dict[str, Any]:
-        record = message.to_record()
-        content, sealed = self.store.seal(message)  # encrypted like rows, bound to the id
-        if sealed is not None:
-            record["content"] = content
-            record["content_enc"] = base64.b64encode(sealed).decode("ascii")
-        return record
+        _, sealed = self.store.seal(message)  # encrypted like rows, bound to the id
+        return seal_record(message, sealed)
 
     def _open(self, record: dict[str, Any]) -> Message:
-        sealed = record.get("content_enc")
-        if sealed is not None:
-            if self.cipher is None:
-                raise DecryptError("spooled content is encrypted and no key is configured")
-            content = self.cipher.decrypt(base64.b64decode(sealed), aad=str(record["id"]).encode())
-            record = {**record, "content": content}
-        return Message.from_record(record)
+        return open_record(record, self.cipher)
 
 
 __all__ = [

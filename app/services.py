@@ -52,7 +52,7 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
     raise ServiceError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def _pg_tool(name: str) -> str:
+def pg_tool(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
@@ -115,7 +115,7 @@ class LocalPostgres:
         _run(
             _as_postgres_user()
             + [
-                _pg_tool("initdb"),
+                pg_tool("initdb"),
                 "-D", str(self.data_dir),
                 "-U", "postgres",
                 "--auth=trust",
@@ -139,7 +139,7 @@ class LocalPostgres:
         _run(
             _as_postgres_user()
             + [
-                _pg_tool("pg_ctl"),
+                pg_tool("pg_ctl"),
                 "-D", str(self.data_dir),
                 "-o", options,
                 "-l", str(self.data_dir / "server.log"),
@@ -156,7 +156,7 @@ class LocalPostgres:
             return
         _run(
             _as_postgres_user()
-            + [_pg_tool("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"]
+            + [pg_tool("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"]
         )
 
     def running(self) -> bool:
@@ -178,7 +178,7 @@ class LocalPostgres:
     def psql(self, sql: str, database: str = "postgres") -> str:
         """Run *sql* as the superuser and return the unaligned output."""
         cmd = [
-            _pg_tool("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+            pg_tool("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
             "-d", database, "-v", "ON_ERROR_STOP=1", "-Atc", sql,
         ]  # fmt: skip
         return _run(cmd).stdout.strip()

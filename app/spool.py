@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import os
@@ -16,13 +17,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from app import metrics
+from app.crypto import DecryptError, MessageCipher
 from app.errors import SpoolFull
 from app.log import get_logger
+from app.models import Message
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_SAVE_EVERY", "Spool", "SpoolEntry"]
+__all__ = [
+    "DEFAULT_MAX_BYTES", "DEFAULT_SAVE_EVERY", "DeadLetterRecord", "Spool", "SpoolEntry",
+    "pending_count", "read_dead_letters", "requeue_dead_letters",
+]  # fmt: skip
 
 #: Default cap on the spool file's size.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+#: The spool's file name inside HEARTH_SPOOL_DIR (the dead letters sit beside it).
+SPOOL_FILE = "publish.spool"
 #: Default number of records the offset may advance before it is saved.
 DEFAULT_SAVE_EVERY = 100
 
@@ -58,6 +66,30 @@ class _Span:
     spooled_at: float
     #: Acknowledged, dead-lettered or corrupt: the offset may pass it.
     done: bool
+
+
+def seal_record(message: Message, sealed: bytes | None) -> dict[str, Any]:
+    """*message* as a spool record; with *sealed* (its content encrypted by the store's
+    cipher, bound to its id), the content is kept only in that form."""
+    record = message.to_record()
+    if sealed is not None:
+        record["content"] = None
+        record["content_enc"] = base64.b64encode(sealed).decode("ascii")
+    return record
+
+
+def open_record(record: dict[str, Any], cipher: MessageCipher | None) -> Message:
+    """The message of a spooled *record*, its content decrypted with *cipher* when sealed.
+
+    Raises `DecryptError`, or KeyError/TypeError/ValueError for a record no version wrote.
+    """
+    sealed = record.get("content_enc")
+    if sealed is not None:
+        if cipher is None:
+            raise DecryptError("spooled content is encrypted and no key is configured")
+        content = cipher.decrypt(base64.b64decode(sealed), aad=str(record["id"]).encode())
+        record = {**record, "content": content}
+    return Message.from_record(record)
 
 
 def _frame(envelope: dict[str, Any]) -> bytes:
@@ -490,3 +522,126 @@ class Spool:
                         count += 1
                         size += len(line)
         return count, size
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRecord:
+    """One line of a spool's dead-letter file, as `read_dead_letters` hands it out."""
+
+    #: Position in the file, from 1.
+    line: int
+    #: Wall-clock time it was dead-lettered; 0.0 for a corrupt line.
+    dead_at: float
+    #: Why it could not be stored; empty for a corrupt line.
+    reason: str
+    #: The record as spooled; None for a corrupt line, which is kept but can never be retried.
+    record: dict[str, Any] | None
+
+
+def read_dead_letters(dead_path: Path) -> list[DeadLetterRecord]:
+    """Every line of the dead-letter file *dead_path*, in file order, without changing it.
+
+    Reads only, so it is safe while a server uses the spool. A missing file has none.
+    """
+    letters: list[DeadLetterRecord] = []
+    if not dead_path.exists():
+        return letters
+    with open(dead_path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.endswith(b"\n"):
+                break  # a torn last line: the next dead letter's write cuts it
+            envelope = _decode_envelope(line)
+            record = envelope.get("record") if envelope else None
+            if envelope is None or not isinstance(record, dict):
+                letters.append(DeadLetterRecord(number, 0.0, "", None))
+                continue
+            dead_at = envelope.get("dead_at")
+            letters.append(
+                DeadLetterRecord(
+                    number,
+                    float(dead_at) if isinstance(dead_at, int | float) else 0.0,
+                    str(envelope.get("reason", "")),
+                    record,
+                )
+            )
+    return letters
+
+
+def _decode_envelope(line: bytes) -> dict[str, Any] | None:
+    parts = line[:-1].split(b" ", 2)
+    if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) != len(parts[2]):
+        return None
+    if parts[1] != b"%08x" % zlib.crc32(parts[2]):
+        return None
+    try:
+        envelope = json.loads(parts[2])
+    except ValueError:
+        return None
+    return envelope if isinstance(envelope, dict) else None
+
+
+def pending_count(path: Path) -> int:
+    """Readable records of the spool data file *path* past its saved offset, without changing
+    anything (safe while a server uses the spool).
+
+    A running server saves its offset only every ``save_every`` acks, so this may count a
+    few records it already stored; it never misses one still waiting.
+    """
+    if not path.exists():
+        return 0
+    try:
+        text = path.with_name(path.name + ".offset").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    offset = int(text) if text.isdigit() else 0
+    count = position = 0
+    with open(path, "rb") as file:
+        for line in file:
+            if position >= offset and _decode(line) is not None:
+                count += 1
+            position += len(line)
+    return count
+
+
+async def requeue_dead_letters(spool: Spool) -> list[tuple[DeadLetterRecord, str]]:
+    """Move every readable dead letter of *spool* back to its data file, for another try.
+
+    Returns each dead letter with what happened to it: ``"requeued"``, or why it stayed
+    in the dead-letter file (a corrupt line, or a spool too full to take it). The records
+    are appended (fsync'd) before the dead-letter file is rewritten without them, so a
+    crash in between leaves a record in both places, which idempotent commits absorb.
+    Only one process may use *spool* meanwhile: a server appending dead letters to the
+    same file would lose them.
+    """
+    letters = await asyncio.to_thread(read_dead_letters, spool.dead_path)
+    outcomes: list[tuple[DeadLetterRecord, str]] = []
+    kept: list[int] = []
+    for letter in letters:
+        if letter.record is None:
+            outcomes.append((letter, "kept: corrupt line, cannot be retried"))
+            kept.append(letter.line)
+            continue
+        try:
+            await spool.append(letter.record)
+        except SpoolFull:
+            outcomes.append((letter, "kept: the spool is full"))
+            kept.append(letter.line)
+            continue
+        outcomes.append((letter, "requeued"))
+    if letters:
+        await asyncio.to_thread(_keep_dead_lines, spool.dead_path, set(kept))
+        # Counted again from the file on the next use.
+        spool._dead_letters, spool._dead_size = spool._count_dead_letters()
+    return outcomes
+
+
+def _keep_dead_lines(dead_path: Path, keep: set[int]) -> None:
+    with open(dead_path, "rb") as file:
+        lines = [line for number, line in enumerate(file, start=1) if number in keep]
+    temporary = dead_path.with_name(dead_path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        file.writelines(lines)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, dead_path)
+    _fsync_dir(dead_path.parent)

@@ -714,6 +714,25 @@ class Store:
             applied.append(path.name)
         return applied
 
+    async def applied_migrations(self) -> list[str]:
+        """Filenames of the migrations applied so far, sorted; none on a database never
+        migrated."""
+
+        async def select(cursor: Cursor) -> list[str]:
+            await cursor.execute(
+                "select", "schema_migrations", "SELECT to_regclass('schema_migrations')"
+            )
+            row = await cursor.fetchone()
+            if row is None or row[0] is None:
+                return []
+            await cursor.execute(
+                "select", "schema_migrations",
+                "SELECT filename FROM schema_migrations ORDER BY filename",
+            )  # fmt: skip
+            return [filename for (filename,) in await cursor.fetchall()]
+
+        return await self.run(select, name="applied_migrations")
+
     # -- messages ---------------------------------------------------------------------------
 
     async def insert_message(
@@ -915,6 +934,24 @@ class Store:
 
         return await self.run(select, name="load_room")
 
+    async def room_seq_report(self) -> list[tuple[str, int, int, int]]:
+        """``(room, last_seq, max_seq, messages)`` of every room, by name.
+
+        Seqs are gap-free when ``last_seq == max_seq == messages`` (seqs start at 1 and are
+        unique per room); an empty room has ``max_seq`` 0.
+        """
+
+        async def select(cursor: Cursor) -> list[tuple[str, int, int, int]]:
+            await cursor.execute(
+                "select", "messages",
+                "SELECT r.name, r.last_seq, COALESCE(max(m.seq), 0), count(m.seq)"
+                " FROM rooms r LEFT JOIN messages m ON m.room = r.name"
+                " GROUP BY r.name, r.last_seq ORDER BY r.name",
+            )  # fmt: skip
+            return [(name, last, top, count) for name, last, top, count in await cursor.fetchall()]
+
+        return await self.run(select, name="room_seq_report")
+
     # -- analytics --------------------------------------------------------------------------
 
     async def record_connection_event(
@@ -1008,6 +1045,46 @@ class Store:
             return None if row is None else (str(row[0]), row[1], row[2], row[3])
 
         return await self.run(select, name="user_by_name")
+
+    async def list_users(self) -> list[tuple[str, bool, datetime]]:
+        """``(username, is_admin, created_at)`` of every user, by username."""
+
+        async def select(cursor: Cursor) -> list[tuple[str, bool, datetime]]:
+            await cursor.execute(
+                "select", "users",
+                "SELECT username, is_admin, created_at FROM users ORDER BY username",
+            )  # fmt: skip
+            return [
+                (name, is_admin, created) for name, is_admin, created in await cursor.fetchall()
+            ]
+
+        return await self.run(select, name="list_users")
+
+    async def set_password(self, username: str, password_hash: str) -> int:
+        """Give *username* the password of *password_hash* and revoke its live tokens.
+
+        Returns how many tokens were revoked; raises `NotFound` for an unknown user.
+        """
+        log_params = {"username": username}
+
+        async def update(cursor: Cursor) -> int:
+            await cursor.execute(
+                "update", "users",
+                "UPDATE users SET password_hash = %s WHERE username = %s RETURNING id",
+                (password_hash, username), log_params=log_params,
+            )  # fmt: skip
+            row = await cursor.fetchone()
+            if row is None:
+                raise NotFound(f"user {username}", text="user not found")
+            await cursor.execute(
+                "update", "auth_tokens",
+                "UPDATE auth_tokens SET revoked_at = now()"
+                " WHERE user_id = %s AND revoked_at IS NULL RETURNING user_id",
+                (row[0],), log_params=log_params,
+            )  # fmt: skip
+            return len(await cursor.fetchall())
+
+        return await self.transaction(update, name="set_password")
 
     async def insert_token(self, token_hash: bytes, user_id: str, expires_at: datetime) -> None:
         """Record a login token of *user_id* by its *token_hash*, valid until *expires_at*."""

@@ -39,7 +39,7 @@ from app.looplag import LoopLag
 from app.middleware import trace_middleware
 from app.ratelimit import KeyedBuckets
 from app.resilience import Backoff
-from app.spool import Spool
+from app.spool import SPOOL_FILE, Spool
 from app.store import Store
 
 log = get_logger("web")
@@ -207,7 +207,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = build_store(settings)
     app[keys.STORE] = store
     spool = Spool(
-        Path(settings.spool_dir) / "publish.spool",
+        Path(settings.spool_dir) / SPOOL_FILE,
         max_bytes=int(settings.spool_max_mb * 1024 * 1024),
     )
     app[keys.SPOOL] = spool
