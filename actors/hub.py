@@ -150,6 +150,15 @@ class RemotePresence:
 
 
 @dataclass(frozen=True, slots=True)
+class RoomHead:
+    """Room topic *topic* has stored up to *seq* elsewhere: subscribers behind it repair
+    the gap from the store now, rather than on the room's next message."""
+
+    topic: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class ResyncAll:
     """Cross-instance delivery had a gap: every client recovers its rooms with ``since``."""
 
@@ -299,6 +308,17 @@ class Hub(Actor):
         if message.username in self.registry.present.get(message.topic, ()):
             return  # online here too: nothing changes for this instance's clients
         self._send_presence(message.topic, message.change, message.username)
+
+    async def _handle_room_head(self, message: RoomHead) -> None:
+        key, seq = message.topic, message.seq
+        if seq > self.registry.heads.get(key, 0):
+            self.registry.heads[key] = seq
+        for connection in list(self.registry.subscribers.get(key, ())):
+            last = connection.room_seqs.get(key)
+            if last is None or seq <= last or key in connection.held:
+                continue  # unknown start, up to date, or a fill already under way
+            connection.held[key] = []
+            self._ask_fill(connection, key, last)
 
     async def _handle_resync_all(self, message: ResyncAll) -> None:
         for connection in list(self.registry.connections):

@@ -22,7 +22,8 @@ from app.resilience import Backoff
 
 log = get_logger("redis_bridge")
 
-#: Every instance's stored room messages: ``{"i": instance, "m": [record, ...]}``.
+#: Every instance's stored room messages: ``{"i": instance, "m": [record, ...]}``; and,
+#: after an outage, the rooms' heads it stored meanwhile: ``{"i": instance, "h": {room: seq}}``.
 MESSAGES_CHANNEL = "hearth:messages"
 #: Presence changes: ``{"i": instance, "room": ..., "change": "joined"|"left", "user": ...}``.
 PRESENCE_CHANNEL = "hearth:presence"
@@ -112,6 +113,11 @@ class CanarySent:
 
 
 @dataclass(frozen=True, slots=True)
+class AnnounceHeads:
+    """Tell the other instances up to which seq this one stored while they were cut off."""
+
+
+@dataclass(frozen=True, slots=True)
 class PresenceRefresh:
     """Time to rewrite this instance's presence sets and extend their TTL."""
 
@@ -156,6 +162,7 @@ class RedisBridge(Actor):
         instance: str,
         *,
         deliver: Callable[[tuple[Message, ...]], None],
+        room_head: Callable[[str, int], None],
         announce: Callable[[str, dict[str, Any]], None],
         resync_all: Callable[[], None],
         remote_presence: Callable[[str, str, str], None],
@@ -171,6 +178,7 @@ class RedisBridge(Actor):
         self.client = client
         self.instance = instance
         self.deliver = deliver
+        self.room_head = room_head
         self.announce = announce
         self.resync_all = resync_all
         self.remote_presence = remote_presence
@@ -201,6 +209,8 @@ class RedisBridge(Actor):
         self.seen: OrderedDict[str, None] = OrderedDict()
         #: Whether pub/sub may have lost messages since clients last resynced.
         self.lost_since_resync = False
+        #: room -> newest seq stored here that the other instances were not told of.
+        self.unannounced: dict[str, int] = {}
 
     async def on_start(self) -> None:
         self._reset()
@@ -236,14 +246,21 @@ class RedisBridge(Actor):
 
     async def _handle_outgoing(self, message: Outgoing) -> None:
         stored = [m for m in message.messages if m.seq is not None]  # spooled previews stay here
-        if not stored or self.bridge_state is BridgeState.DEGRADED:
-            return  # local-only: other instances repair the gap from the store
-        payload = json.dumps(
-            {"i": self.instance, "m": [m.to_record() for m in stored]}, separators=(",", ":")
-        )
-        if await self._publish(MESSAGES_CHANNEL, payload):
-            self.published += len(stored)
-            metrics.BRIDGE_MESSAGES.labels("out").inc(len(stored))
+        if not stored:
+            return
+        if self.bridge_state is not BridgeState.DEGRADED:
+            payload = json.dumps(
+                {"i": self.instance, "m": [m.to_record() for m in stored]}, separators=(",", ":")
+            )
+            if await self._publish(MESSAGES_CHANNEL, payload):
+                self.published += len(stored)
+                metrics.BRIDGE_MESSAGES.labels("out").inc(len(stored))
+                return
+        # Local-only: the others learn of it at recovery (`_announce_heads`), or repair
+        # the gap from the store on the room's next message.
+        newest = max(m.seq or 0 for m in stored)
+        room = stored[0].room
+        self.unannounced[room] = max(newest, self.unannounced.get(room, 0))
 
     async def _handle_presence_changed(self, message: PresenceChanged) -> None:
         if self.bridge_state is BridgeState.DEGRADED:
@@ -291,7 +308,10 @@ class RedisBridge(Actor):
             body = json.loads(message.data)
             if body["i"] == self.instance:
                 return  # our own, delivered locally already
-            if message.channel == MESSAGES_CHANNEL:
+            if message.channel == MESSAGES_CHANNEL and "h" in body:
+                for room, seq in body["h"].items():
+                    self.room_head(str(room), int(seq))
+            elif message.channel == MESSAGES_CHANNEL:
                 self._deliver([Message.from_record(record) for record in body["m"]])
             elif message.channel == PRESENCE_CHANNEL:
                 self.remote_presence(str(body["room"]), str(body["change"]), str(body["user"]))
@@ -462,9 +482,21 @@ class RedisBridge(Actor):
             return
         log.bind(instance=self.instance).info("Redis recovered: delivery across instances resumes")
         self.announce("degraded", {"component": "redis", "state": "connected"})
-        # What pub/sub dropped meanwhile is in PostgreSQL: every client recovers with since.
+        # What pub/sub dropped meanwhile is in PostgreSQL: every client here recovers with
+        # since, and the other instances' clients catch up on what was stored here.
         self.resync_all()
         self.lost_since_resync = False
+        if self.unannounced:
+            self.cast(AnnounceHeads())
+
+    async def _handle_announce_heads(self, message: AnnounceHeads) -> None:
+        if not self.unannounced or self.bridge_state is not BridgeState.CONNECTED:
+            return
+        heads, self.unannounced = self.unannounced, {}
+        payload = json.dumps({"i": self.instance, "h": heads}, separators=(",", ":"))
+        if not await self._publish(MESSAGES_CHANNEL, payload):
+            for room, seq in heads.items():  # told next time, unless newer ones came
+                self.unannounced[room] = max(seq, self.unannounced.get(room, 0))
 
     def _set_state(self, state: BridgeState) -> None:
         self.bridge_state = state

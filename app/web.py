@@ -24,7 +24,16 @@ from actors.base import Actor
 from actors.db_monitor import DbMonitor, RecordTransition
 from actors.events import EventSubscriber
 from actors.heartbeat import Heartbeat
-from actors.hub import Announce, Deliver, Hub, Registry, RemotePresence, ResyncAll, Shutdown
+from actors.hub import (
+    Announce,
+    Deliver,
+    Hub,
+    Registry,
+    RemotePresence,
+    ResyncAll,
+    RoomHead,
+    Shutdown,
+)
 from actors.redis_bridge import Outgoing, PresenceChanged, RedisBridge
 from actors.room_writer import DrainTick, Outlet, RoomWriter, StopAccepting
 from actors.supervisor import Supervisor
@@ -117,6 +126,7 @@ def _redis_bridge(app: web.Application, hub: Hub, options: dict[str, Any]) -> Re
         client,
         app[keys.INSTANCE_ID],
         deliver=lambda messages: hub.cast(Deliver(messages)),
+        room_head=lambda room, seq: _cast_or_log(hub, RoomHead(f"room:{room}", seq)),
         announce=lambda kind, data: _cast_or_log(hub, Announce(kind, data)),
         resync_all=lambda: _cast_or_log(hub, ResyncAll()),
         remote_presence=lambda room, change, user: _cast_or_log(

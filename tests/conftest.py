@@ -373,9 +373,10 @@ class PgProxy:
         self.delayed_listens = 0
         self._tasks: set[asyncio.Task] = set()
 
-    async def start(self) -> None:
-        """Listen on a free loopback port."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> None:
+        """Listen on loopback *port* (0: a free one); after `close`, the same port again
+        brings a cut link back."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def dsn(self, dsn: str) -> str:

@@ -288,6 +288,36 @@ class Recorder:
         return frames
 
 
+async def test_a_room_head_from_another_instance_makes_a_client_behind_it_fill_the_gap():
+    """RoomHead(seq) asks the session of each subscriber behind it to read the gap from the store; the answer is delivered in order, and a client up to date is left alone."""
+    from actors.hub import Deliver, Filled, Hub, Join, Registry, RoomHead, Subscribe
+    from app.connection import Reply
+    from app.models import Message
+    from app.protocol import Topic
+
+    def stored(seq: int) -> Message:
+        return Message(
+            id=f"m{seq}", room="lobby", sender="ann", client_msg_id=f"c{seq}", content="x",
+            created_at="2026-12-01T00:00:00.000Z", seq=seq,
+        )  # fmt: skip
+
+    hub = Hub(Registry())
+    behind, current = Recorder("ben"), Recorder("cid")
+    for client in (behind, current):
+        await hub._handle_join(Join(client.connection))
+        reply = Reply(client.connection, "s")
+        await hub._handle_subscribe(Subscribe(client.connection, Topic("room", "lobby"), reply))
+    await hub._handle_deliver(Deliver((stored(1),)))
+    current.connection.room_seqs["room:lobby"] = 3  # it heard of 2 and 3 already
+    await hub._handle_room_head(RoomHead("room:lobby", 3))
+    assert behind.fills == [("room:lobby", 1)]
+    assert current.fills == []
+    await hub._handle_filled(Filled(behind.connection, "room:lobby", (stored(2), stored(3))))
+    seqs = [f["data"]["seq"] for f in behind.frames() if "data" in f]
+    assert seqs == [1, 2, 3]
+    assert hub.registry.heads["room:lobby"] == 3
+
+
 async def test_subscribe_after_leave_is_ignored():
     """A Subscribe handled after the connection's Leave changes nothing: no subscriber, no presence, no reply."""
     from actors.hub import Hub, Join, Leave, Registry, Subscribe

@@ -305,3 +305,45 @@ async def test_garbage_and_second_copies_on_the_channel_are_dropped(instances, o
     assert bridge(b).status()["duplicates_dropped"] >= 1
     assert bridge_state(b) == "connected"
     await follower.stop()
+
+
+async def test_what_an_instance_stored_while_cut_off_reaches_the_others_when_it_returns(
+    database, own_redis, tmp_path
+):
+    """Only instance A loses Redis (a real TCP proxy between them is cut): messages A stores meanwhile are not published, and when A's link returns it announces the room's head, so B's subscriber fills the gap from the store with no further message in the room."""
+    from tests.conftest import PgProxy
+
+    proxy = PgProxy(own_redis.port)
+    await proxy.start()
+    started = []
+    try:
+        a = await start_hearth(
+            database, tmp_path / "a" / "spool",
+            HEARTH_REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0", **UNLIMITED,
+        )  # fmt: skip
+        started.append(a)
+        b = await start_hearth(
+            database, tmp_path / "b" / "spool", HEARTH_REDIS_URL=own_redis.url, **UNLIMITED
+        )
+        started.append(b)
+        for hearth in (a, b):
+            await wait_until(lambda h=hearth: bridge_state(h) == "connected", 10, "bridge up")
+        follower = (await followers_on([b], per_instance=1))[0]
+        publisher = Publisher(await a.connect("alice"), "cut")
+        await publisher.publish(1, rate=100)
+        await wait_until(lambda: follower.seqs == [1], 5, "the first message on B")
+        port = proxy.port
+        await proxy.close()
+        await wait_until(lambda: bridge_state(a) == "degraded", 5, "A cut off")
+        await Publisher(publisher.client, "while-cut").publish(3, rate=100)
+        await asyncio.sleep(1.0)
+        assert follower.seqs == [1], "B cannot know yet"
+        assert bridge_state(b) == "connected"
+        await proxy.start(port)
+        await wait_until(lambda: bridge_state(a) == "connected", 20, "A back")
+        await wait_until(lambda: follower.seqs == [1, 2, 3, 4], 5, "B caught up")
+        await follower.stop()
+    finally:
+        for hearth in started:
+            await hearth.close()
+        await proxy.close()
