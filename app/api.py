@@ -27,7 +27,6 @@ from app.errors import (
 )
 from app.log import get_logger
 from app.models import check_room_name
-from app.ratelimit import limiter_for
 
 log = get_logger("api")
 
@@ -150,7 +149,7 @@ async def login(request: web.Request) -> web.Response:
     body = await _json_object(request)
     username, password = _string_field(body, "username"), _string_field(body, "password")
     auth = request.app[keys.AUTH]
-    limiter = limiter_for(request.app[keys.REDIS], timeout=request.app[keys.SETTINGS].redis_timeout)
+    limiter = request.app[keys.LIMITER]
     try:
         token, expires_at = await auth.login(
             username, password, client_ip=client_ip(request), limiter=limiter

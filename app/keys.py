@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from app.config import Settings
     from app.directory import RoomDirectory
     from app.looplag import LoopLag
-    from app.ratelimit import KeyedBuckets
+    from app.ratelimit import KeyedBuckets, SharedLimiter
     from app.spool import Spool
     from app.store import Store
 
@@ -55,3 +55,6 @@ REDIS: web.AppKey[aioredis.Redis | None] = web.AppKey("redis")
 INSTANCE_ID: web.AppKey[str] = web.AppKey("instance_id")
 #: How late the event loop runs callbacks; liveness and system_status read it.
 LOOP_LAG: web.AppKey[LoopLag] = web.AppKey("loop_lag")
+#: Takes from the shared token buckets (per-user publishes, logins): in Redis while it
+#: answers, else local; local only without Redis.
+LIMITER: web.AppKey[SharedLimiter] = web.AppKey("limiter")

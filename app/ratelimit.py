@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -247,20 +246,5 @@ class _KeyLock:
         self.users = 0
 
 
-_limiters: weakref.WeakKeyDictionary[Redis, SharedLimiter] = weakref.WeakKeyDictionary()
 #: The limiter of an instance without Redis: every take is local.
 LOCAL_ONLY = SharedLimiter(None, timeout=0.0)
-
-
-def limiter_for(redis: Redis | None, *, timeout: float) -> SharedLimiter:
-    """The `SharedLimiter` of *redis*, one per client so an outage is noticed once.
-
-    *timeout* bounds each call (``HEARTH_REDIS_TIMEOUT``). For None, a limiter of the
-    local buckets alone.
-    """
-    if redis is None:
-        return LOCAL_ONLY
-    limiter = _limiters.get(redis)
-    if limiter is None:
-        limiter = _limiters[redis] = SharedLimiter(redis, timeout=timeout)
-    return limiter

@@ -46,7 +46,7 @@ from app.errors import MailboxFull
 from app.log import get_logger, install_loop_exception_handler
 from app.looplag import LoopLag
 from app.middleware import trace_middleware
-from app.ratelimit import KeyedBuckets
+from app.ratelimit import LOCAL_ONLY, KeyedBuckets, SharedLimiter
 from app.resilience import Backoff
 from app.spool import SPOOL_FILE, Spool
 from app.store import Store
@@ -240,6 +240,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.INSTANCE_ID] = secrets.token_hex(6)
     if not settings.redis_url:
         app[keys.REDIS] = None
+        app[keys.LIMITER] = LOCAL_ONLY
         yield
         return
     client = aioredis.Redis.from_url(
@@ -253,6 +254,8 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         health_check_interval=0,
     )
     app[keys.REDIS] = client
+    # One per instance, so that an outage is noticed (and logged) once.
+    app[keys.LIMITER] = SharedLimiter(client, timeout=settings.redis_timeout)
     yield
     await client.aclose()
 

@@ -49,7 +49,7 @@ from app.protocol import (
     encode,
     parse_request,
 )
-from app.ratelimit import USER_PUBLISH_SCOPE, KeyedBuckets, TokenBucket, limiter_for
+from app.ratelimit import USER_PUBLISH_SCOPE, KeyedBuckets, TokenBucket
 
 log = get_logger("ws")
 
@@ -312,10 +312,7 @@ class Session:
         # user's takes in order, and so the publishes (docs/protocol.rst, Pipelining).
         wait = self.publish_bucket.take()
         if wait == 0:
-            limiter = limiter_for(
-                self.app[keys.REDIS], timeout=self.app[keys.SETTINGS].redis_timeout
-            )
-            wait = await limiter.take(
+            wait = await self.app[keys.LIMITER].take(
                 self.user_buckets, USER_PUBLISH_SCOPE, self.connection.user_id or ""
             )
             if wait > 0:
