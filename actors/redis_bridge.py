@@ -150,10 +150,13 @@ class RedisBridge(Actor):
     it recovers from PostgreSQL what pub/sub lost meanwhile.
 
     Presence: each instance keeps its users per room in Redis sets that expire after two
-    *presence_interval* s unless refreshed, and publishes joins and leaves. *hub* is the
-    hub actor; *registry* its registry (read only); *announce* sends an event to every
-    client; *resync_all* asks the hub to resync every client; *remote_presence* hands
-    another instance's presence change to the hub.
+    *presence_interval* s unless refreshed, and publishes joins and leaves.
+
+    The callbacks reach the hub without blocking: *deliver* routes other instances'
+    messages, *room_head* tells it a room's head stored elsewhere, *announce* sends an event
+    to every client, *resync_all* resyncs every client, *remote_presence* passes on another
+    instance's presence change; *local_presence* and *local_rooms* read this instance's
+    presence (one room's users; every room's).
     """
 
     def __init__(
@@ -256,7 +259,7 @@ class RedisBridge(Actor):
                 self.published += len(stored)
                 metrics.BRIDGE_MESSAGES.labels("out").inc(len(stored))
                 return
-        # Local-only: the others learn of it at recovery (`_announce_heads`), or repair
+        # Local-only: the others learn of it at recovery (`AnnounceHeads`), or repair
         # the gap from the store on the room's next message.
         newest = max(m.seq or 0 for m in stored)
         room = stored[0].room
