@@ -164,3 +164,41 @@ async def test_liveness_turns_503_while_the_event_loop_lags_and_back_to_200(make
                 break
         assert time.monotonic() < deadline
         await asyncio.sleep(0.2)
+
+
+async def test_database_probe_and_the_admin_health_view_follow_the_database(
+    make_hearth, own_postgres
+):
+    """/health/db has seed 002's shape, 200 connected and 503 with PostgreSQL stopped; /health is 401 without a token, 403 for a user, and for an admin lists every dependency and actor, degraded while the database is down."""
+    hearth = await make_hearth(own_postgres.create_database("health_views"))
+
+    async def get(path: str, user: str | None = None) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {hearth.tokens[user]}"} if user else {}
+        async with hearth.session.get(f"{hearth.url}{path}", headers=headers) as response:
+            return response.status, await response.json()
+
+    status, body = await get("health/db")
+    assert status == 200 and body["healthy"] is True, body
+    assert set(body["database"]) == {"connected", "latencyMs", "poolSize", "availableConnections"}
+    assert body["database"]["poolSize"] >= 1 and body["timestamp"].endswith("Z")
+    assert (await get("health"))[0] == 401
+    assert (await get("health", "alice"))[0] == 403
+    await get("health", "root")  # root's token is checked now, for the outage below
+    status, body = await get("health", "root")
+    assert status == 200 and body["status"] == "healthy", body
+    assert body["checks"]["database"]["status"] == "up"
+    assert body["checks"]["redis"]["status"] == "disabled"
+    assert body["checks"]["disk"]["status"] in ("up", "low")
+    assert {a["name"] for a in body["actors"]} >= {"db_monitor", "hub", "events", "heartbeat"}
+    assert body["version"] and body["connections"] >= 0
+    await asyncio.to_thread(own_postgres.stop, "fast")
+    try:
+        deadline = time.monotonic() + 15
+        while (await get("health/db"))[0] != 503:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.3)
+        status, body = await get("health", "root")
+        assert status == 200 and body["status"] == "degraded", body
+        assert body["checks"]["database"]["status"] != "up"
+    finally:
+        await asyncio.to_thread(own_postgres.start)
