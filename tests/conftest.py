@@ -16,7 +16,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -86,8 +86,8 @@ def own_redis() -> Iterator[LocalRedis]:
 
 
 @pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """Every JSON log line of the test, from DEBUG up."""
+def log_stream() -> Iterator[io.StringIO]:
+    """Every JSON log line of the test, from DEBUG up (read them with `log_records`)."""
     stream = io.StringIO()
     setup_logging(level="DEBUG", stream=stream)
     try:
@@ -95,6 +95,22 @@ def log_lines() -> Iterator[io.StringIO]:
     finally:
         # Back to what the session's json_logging fixture set up.
         setup_logging(level="INFO")
+
+
+def log_records(stream: io.StringIO) -> list[dict]:
+    """The JSON log records written to *stream* so far."""
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.fixture
+async def pg_proxy(postgres: LocalPostgres) -> AsyncIterator[PgProxy]:
+    """A started `PgProxy` in front of the session's PostgreSQL, closed after the test."""
+    proxy = PgProxy(postgres.port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
 
 
 @pytest.fixture
@@ -451,9 +467,14 @@ def postgres_pids(server: LocalPostgres) -> list[int]:
 
 
 @contextlib.contextmanager
-def hung(server: LocalPostgres) -> Iterator[None]:
-    """*server* SIGSTOPped, postmaster and backends alike, until the block ends."""
-    pids = postgres_pids(server)
+def hung(server: LocalPostgres | LocalRedis) -> Iterator[None]:
+    """*server* SIGSTOPped (PostgreSQL's postmaster and backends alike) until the block
+    ends: connections stay open and nothing answers."""
+    if isinstance(server, LocalRedis):
+        pid = _read_pid(server.pid_file)
+        pids = [] if pid is None else [pid]
+    else:
+        pids = postgres_pids(server)
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:

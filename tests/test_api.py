@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
 from app.api import MAX_BODY_BYTES
-from tests.conftest import Hearth
+from tests.conftest import Hearth, log_records
 
 #: A body every JSON endpoint accepts; each reads its own fields and ignores the others.
 ACCEPTED = {"username": "alice", "password": Hearth.PASSWORD, "name": "ops"}
@@ -35,17 +33,13 @@ ENDPOINTS = {
 }
 
 
-def _records(stream: io.StringIO) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stream.getvalue().splitlines()]
-
-
 async def _chunks(body: bytes) -> AsyncIterator[bytes]:
     for start in range(0, len(body), 4096):
         yield body[start : start + 4096]
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-async def test_bad_bodies_are_400_in_the_error_model(make_hearth, log_lines, endpoint):
+async def test_bad_bodies_are_400_in_the_error_model(make_hearth, log_stream, endpoint):
     """Each bad body, chunked or not, gets 400 INVALID_MESSAGE and no ERROR log line."""
     path, user = ENDPOINTS[endpoint]
     hearth = await make_hearth()
@@ -64,7 +58,7 @@ async def test_bad_bodies_are_400_in_the_error_model(make_hearth, log_lines, end
 
     assert answers == {key: (400, "INVALID_MESSAGE") for key in answers}
     assert good_status in (200, 201)
-    records = _records(log_lines)
+    records = log_records(log_stream)
     rejections = [r for r in records if r.get("error_code") == "INVALID_MESSAGE"]
     assert len(rejections) == 2 * len(BAD_BODIES)
     assert {r["level"] for r in rejections} == {"info"}

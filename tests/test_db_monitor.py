@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import os
 import signal
 import subprocess
@@ -17,30 +15,15 @@ import pytest
 from actors.db_monitor import DbMonitor, DbState
 from actors.room_writer import Outlet, Publish, PublishResult, RoomWriter
 from app.errors import DatabaseError, DatabaseTimeout, SpoolFull
-from app.log import setup_logging
 from app.models import Message
 from app.resilience import Backoff
 from app.services import LocalPostgres, free_port
 from app.spool import Spool
 from app.store import Store
-from tests.conftest import hung, wait_until
+from tests.conftest import hung, log_records, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST_BACKOFF = Backoff(initial=0.05, base=2.0, max_delay=0.4, jitter=0.0)
-
-
-@pytest.fixture
-def log_stream():
-    """Every log line of the test, as JSON text."""
-    stream = io.StringIO()
-    setup_logging(level="DEBUG", stream=stream)
-    yield stream
-    setup_logging(level="DEBUG", stream=io.StringIO())
-
-
-def lines(stream: io.StringIO) -> list[dict]:
-    """The JSON log records written so far."""
-    return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
 async def prepared_store(server: LocalPostgres) -> Store:
@@ -153,7 +136,7 @@ async def test_acknowledged_publishes_survive_postgres_stop(
     assert [m.content for m in history] == [f"m{i}" for i in range(150)]
     sent = pipeline.stored_emissions()
     assert [(m.id, m.seq) for m in sent] == [(m.id, m.seq) for m in history]
-    records = lines(log_stream)
+    records = log_records(log_stream)
     assert any(r["msg"] == "database connection lost" and r["level"] == "warn" for r in records)
     recovered = [r for r in records if r["msg"] == "database recovered"]
     assert recovered and recovered[0]["level"] == "info" and "attempt" in recovered[0]
@@ -171,7 +154,9 @@ async def test_error_after_five_failed_retries_and_connection_events_recorded(
     await asyncio.to_thread(own_postgres.stop, "fast")
     await wait_until(lambda: monitor.db_state is DbState.ERROR)
     errors = [
-        r for r in lines(log_stream) if r["level"] == "error" and r["component"] == "db_monitor"
+        r
+        for r in log_records(log_stream)
+        if r["level"] == "error" and r["component"] == "db_monitor"
     ]
     assert errors and errors[0]["attempt"] == 6
     await asyncio.to_thread(own_postgres.start)

@@ -19,7 +19,7 @@ from app.errors import AppError, DatabaseError, NotFound, RoomAccessDenied
 from app.models import Message, RoomRecord
 from app.store import Store
 from app.web import create_app
-from tests.conftest import Hearth, PgProxy, wait_until
+from tests.conftest import Hearth, wait_until
 
 #: Publish limits out of the way for tests that publish in bulk.
 UNLIMITED = {
@@ -408,22 +408,17 @@ async def test_a_change_nobody_heard_arrives_by_the_full_load_on_reconnect(make_
 
 
 async def test_a_change_between_the_full_load_and_the_listen_is_not_lost(
-    make_hearth, postgres, database
+    make_hearth, pg_proxy, database
 ):
     """With the LISTEN slow to arrive, a room created right after the reconnect's full load still reaches the directory by NOTIFY."""
-    proxy = PgProxy(postgres.port)
-    await proxy.start()
-    try:
-        hearth = await make_hearth(proxy.dsn(database))
-        directory = hearth.app[keys.DIRECTORY]
-        await listener_active(hearth, database)
-        full_loads = directory.full_loads
-        proxy.listen_delay = 1.0
-        await cut_listener(database)
-        await wait_until(lambda: directory.full_loads == full_loads + 1, 5, "the full reload")
-        await wait_until(lambda: proxy.delayed_listens == 1, 5, "the LISTEN to be on its slow way")
-        await sql(database, "INSERT INTO rooms (name) VALUES ('between')")
-        await wait_until(lambda: directory.get("between") is not None, 1, "the room's NOTIFY")
-        await hearth.close()
-    finally:
-        await proxy.close()
+    hearth = await make_hearth(pg_proxy.dsn(database))
+    directory = hearth.app[keys.DIRECTORY]
+    await listener_active(hearth, database)
+    full_loads = directory.full_loads
+    pg_proxy.listen_delay = 1.0
+    await cut_listener(database)
+    await wait_until(lambda: directory.full_loads == full_loads + 1, 5, "the full reload")
+    await wait_until(lambda: pg_proxy.delayed_listens == 1, 5, "the LISTEN to be on its slow way")
+    await sql(database, "INSERT INTO rooms (name) VALUES ('between')")
+    await wait_until(lambda: directory.get("between") is not None, 1, "the room's NOTIFY")
+    await hearth.close()

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import itertools
-import json
-import os
-import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -24,6 +19,7 @@ from app.ratelimit import (
     TokenBucket,
 )
 from app.services import LocalRedis, free_port
+from tests.conftest import hung, log_records
 
 # Database 0 is left to the other tests; each test here empties one of the others.
 _redis_databases = itertools.count()
@@ -68,21 +64,6 @@ async def client(redis_url) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
-
-
-def _records(stream: io.StringIO) -> list[dict]:
-    return [json.loads(line) for line in stream.getvalue().splitlines()]
-
-
-@contextlib.contextmanager
-def stopped(server: LocalRedis) -> Iterator[None]:
-    """*server* SIGSTOPped (hung: connections open, no answers) until the block ends."""
-    pid = int(server.pid_file.read_text().strip())
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def test_refused_take_removes_nothing_and_says_how_long_to_wait():
@@ -130,7 +111,7 @@ async def test_a_script_redis_forgot_is_sent_again(client):
     assert await client.script_exists(shared._script.sha) == [True]
 
 
-async def test_unreachable_redis_falls_back_warns_once_and_cools_down(log_lines):
+async def test_unreachable_redis_falls_back_warns_once_and_cools_down(log_stream):
     """With Redis unreachable the local buckets answer; one WARN per outage, and Redis is retried only after the cool-down."""
     clock = FakeClock()
     client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
@@ -151,7 +132,7 @@ async def test_unreachable_redis_falls_back_warns_once_and_cools_down(log_lines)
         assert failures() - failed == 2
     finally:
         await client.aclose()
-    warnings = [line for line in _records(log_lines) if line["component"] == "ratelimit"]
+    warnings = [line for line in log_records(log_stream) if line["component"] == "ratelimit"]
     assert len(warnings) == 1
     assert warnings[0]["level"] == "warn" and warnings[0]["scope"] == "test"
     assert warnings[0]["error"] in ("ConnectionError", "TimeoutError")
@@ -212,7 +193,7 @@ async def test_a_hung_redis_costs_one_timeout_then_the_shared_limit_returns(
     on_first, on_second = await first.connect("alice"), await second.connect("alice")
     assert await publish_codes(on_first, 3, "a") == [200, 200, 200]
     timeouts = fallbacks("timeout")
-    with stopped(redis_server):
+    with hung(redis_server):
         started = time.monotonic()
         assert await publish_codes(on_first, 1, "hung") == [200]
         probe = time.monotonic() - started

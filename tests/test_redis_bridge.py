@@ -13,7 +13,7 @@ import pytest
 
 from app import keys
 from app.services import _read_pid
-from tests.conftest import start_hearth, wait_until
+from tests.conftest import hung, start_hearth, wait_until
 from tests.test_room_writer import UNLIMITED
 
 
@@ -181,14 +181,12 @@ async def test_a_stopped_redis_is_noticed_by_the_canary_and_repaired_after(insta
     a, b = await instances(2, **UNLIMITED)
     followers = await followers_on([a, b], per_instance=1)
     publishers = [Publisher(await h.connect("alice"), f"s{i}") for i, h in enumerate((a, b))]
-    pid = _read_pid(own_redis.pid_file)
     noticed: list[float] = []
 
     async def stall() -> None:
         await asyncio.sleep(1.0)
-        os.kill(pid, signal.SIGSTOP)
-        stopped = time.monotonic()
-        try:
+        with hung(own_redis):
+            stopped = time.monotonic()
             await wait_until(
                 lambda: all(f.events_of("degraded") for f in followers), 5, "degraded events"
             )
@@ -198,8 +196,6 @@ async def test_a_stopped_redis_is_noticed_by_the_canary_and_repaired_after(insta
                 body = await response.json()
             assert body["checks"]["redis"] == "degraded", body
             await asyncio.sleep(10 - (time.monotonic() - stopped))
-        finally:
-            os.kill(pid, signal.SIGCONT)
 
     await asyncio.gather(stall(), *(p.publish(120, rate=10) for p in publishers))
     assert noticed and noticed[0] < 3.0, noticed

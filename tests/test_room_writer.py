@@ -12,7 +12,7 @@ import pytest
 from app import keys, metrics
 from app.crypto import generate_key_spec
 from app.spool import Spool
-from tests.conftest import PgProxy, hung, wait_until
+from tests.conftest import hung, wait_until
 
 #: Publish limits out of the way for tests that publish in bulk.
 UNLIMITED = {
@@ -111,196 +111,161 @@ async def test_poison_record_is_dead_lettered_and_the_drain_goes_on(
 
 
 async def test_commit_answered_too_late_still_reaches_every_subscriber_once(
-    make_hearth, postgres, database
+    make_hearth, pg_proxy, database
 ):
     """A store that commits after the writer gave up on its answer is spooled, found again on drain, and sent out: subscribers get seqs 1..3 exactly once."""
-    proxy = PgProxy(postgres.port)
-    await proxy.start()
-    try:
-        hearth = await make_hearth(proxy.dsn(database), HEARTH_DB_TIMEOUT="1", **UNLIMITED)
-        subscriber = await hearth.connect("bob")
-        assert (await subscriber.request("sub", topic="room:lobby"))["code"] == 200
-        publisher = await hearth.connect("alice")
-        first = await publisher.request(
-            "pub", topic="room:lobby", content="one", client_msg_id="m1"
-        )
-        assert first["code"] == 200
-        proxy.delay_next_reply(b"INSERT INTO messages", 2.5)
-        started = time.monotonic()
-        second = await publisher.request(
-            "pub", topic="room:lobby", content="two", client_msg_id="m2", timeout=10
-        )
-        assert second["code"] == 202, second
-        assert time.monotonic() - started < 1 + 1 + 0.5  # HEARTH_DB_TIMEOUT plus 1 s
-        assert proxy.delayed_replies == 1
-        retried = await publisher.request(
-            "pub", topic="room:lobby", content="two", client_msg_id="m2"
-        )
-        assert retried["params"]["id"] == second["params"]["id"]
-        third = await publisher.request(
-            "pub", topic="room:lobby", content="three", client_msg_id="m3"
-        )
-        assert third["code"] in (200, 202), third
-        frames = await collect_stored(subscriber, 3, timeout=20)
-        await subscriber.settle(1.0)
-        frames += stored_frames(subscriber)
-        assert [f["seq"] for f in frames] == [1, 2, 3]
-        assert [f["client_msg_id"] for f in frames] == ["m1", "m2", "m3"]
-        assert [r[1] for r in await rows(database, "lobby")] == ["m1", "m2", "m3"]
-    finally:
-        await proxy.close()
+    hearth = await make_hearth(pg_proxy.dsn(database), HEARTH_DB_TIMEOUT="1", **UNLIMITED)
+    subscriber = await hearth.connect("bob")
+    assert (await subscriber.request("sub", topic="room:lobby"))["code"] == 200
+    publisher = await hearth.connect("alice")
+    first = await publisher.request("pub", topic="room:lobby", content="one", client_msg_id="m1")
+    assert first["code"] == 200
+    pg_proxy.delay_next_reply(b"INSERT INTO messages", 2.5)
+    started = time.monotonic()
+    second = await publisher.request(
+        "pub", topic="room:lobby", content="two", client_msg_id="m2", timeout=10
+    )
+    assert second["code"] == 202, second
+    assert time.monotonic() - started < 1 + 1 + 0.5  # HEARTH_DB_TIMEOUT plus 1 s
+    assert pg_proxy.delayed_replies == 1
+    retried = await publisher.request("pub", topic="room:lobby", content="two", client_msg_id="m2")
+    assert retried["params"]["id"] == second["params"]["id"]
+    third = await publisher.request("pub", topic="room:lobby", content="three", client_msg_id="m3")
+    assert third["code"] in (200, 202), third
+    frames = await collect_stored(subscriber, 3, timeout=20)
+    await subscriber.settle(1.0)
+    frames += stored_frames(subscriber)
+    assert [f["seq"] for f in frames] == [1, 2, 3]
+    assert [f["client_msg_id"] for f in frames] == ["m1", "m2", "m3"]
+    assert [r[1] for r in await rows(database, "lobby")] == ["m1", "m2", "m3"]
 
 
 async def test_publishes_behind_a_slow_commit_go_together_in_order_and_once(
-    make_hearth, postgres, database
+    make_hearth, pg_proxy, database
 ):
     """While one slow insert holds a room, 24 pipelined publishes from three clients wait, then go in a few statements: every ack is 200 after its commit, seqs are gap-free and in each client's order, and a subscriber gets each message once."""
-    proxy = PgProxy(postgres.port)
-    await proxy.start()
-    try:
-        hearth = await make_hearth(
-            proxy.dsn(database), HEARTH_DB_TIMEOUT="3", HEARTH_ROOM_WRITERS="1", **UNLIMITED
-        )
-        writer = hearth.app[keys.SUPERVISOR].get("room_writer.0")
-        subscriber = await hearth.connect("bob")
-        await subscriber.request("sub", topic="room:lobby")
-        publishers = [await hearth.connect("alice") for _ in range(3)]
-        proxy.delay_next_reply(b"INSERT INTO messages", 0.8)
-        slow = await publishers[0].send(
-            op="pub", topic="room:lobby", content="slow", client_msg_id="slow"
-        )
-        await asyncio.sleep(0.2)  # the slow insert is on its way
-        sent = {
-            index: [
-                await client.send(
-                    op="pub",
-                    topic="room:lobby",
-                    content=f"{index}-{n}",
-                    client_msg_id=f"{index}-{n}",
-                )  # fmt: skip
-                for n in range(8)
-            ]
-            for index, client in enumerate(publishers)
-        }
-        first = await publishers[0].wait_for(lambda f: f.get("ctrl", {}).get("id") == slow, 10)
-        assert (first["ctrl"]["code"], first["ctrl"]["params"]["seq"]) == (200, 1)
-        for index, client in enumerate(publishers):
-            seqs = []
-            for request_id in sent[index]:
-                frame = await client.wait_for(
-                    lambda f, rid=request_id: f.get("ctrl", {}).get("id") == rid, 10
-                )
-                assert frame["ctrl"]["code"] == 200, frame
-                seqs.append(frame["ctrl"]["params"]["seq"])
-            assert seqs == sorted(seqs), f"client {index} acks out of its order: {seqs}"
-        frames = await collect_stored(subscriber, 25, timeout=10)
-        await subscriber.settle(0.5)
-        frames += stored_frames(subscriber)
-        assert [f["seq"] for f in frames] == list(range(1, 26))
-        assert [r[0] for r in await rows(database, "lobby")] == list(range(1, 26))
-        status = writer.status()
-        assert status["stored"] == 25
-        assert status["batches"] <= 6, status  # the 24 waited behind the slow one together
-    finally:
-        await proxy.close()
+    hearth = await make_hearth(
+        pg_proxy.dsn(database), HEARTH_DB_TIMEOUT="3", HEARTH_ROOM_WRITERS="1", **UNLIMITED
+    )
+    writer = hearth.app[keys.SUPERVISOR].get("room_writer.0")
+    subscriber = await hearth.connect("bob")
+    await subscriber.request("sub", topic="room:lobby")
+    publishers = [await hearth.connect("alice") for _ in range(3)]
+    pg_proxy.delay_next_reply(b"INSERT INTO messages", 0.8)
+    slow = await publishers[0].send(
+        op="pub", topic="room:lobby", content="slow", client_msg_id="slow"
+    )
+    await asyncio.sleep(0.2)  # the slow insert is on its way
+    sent = {
+        index: [
+            await client.send(
+                op="pub",
+                topic="room:lobby",
+                content=f"{index}-{n}",
+                client_msg_id=f"{index}-{n}",
+            )  # fmt: skip
+            for n in range(8)
+        ]
+        for index, client in enumerate(publishers)
+    }
+    first = await publishers[0].wait_for(lambda f: f.get("ctrl", {}).get("id") == slow, 10)
+    assert (first["ctrl"]["code"], first["ctrl"]["params"]["seq"]) == (200, 1)
+    for index, client in enumerate(publishers):
+        seqs = []
+        for request_id in sent[index]:
+            frame = await client.wait_for(
+                lambda f, rid=request_id: f.get("ctrl", {}).get("id") == rid, 10
+            )
+            assert frame["ctrl"]["code"] == 200, frame
+            seqs.append(frame["ctrl"]["params"]["seq"])
+        assert seqs == sorted(seqs), f"client {index} acks out of its order: {seqs}"
+    frames = await collect_stored(subscriber, 25, timeout=10)
+    await subscriber.settle(0.5)
+    frames += stored_frames(subscriber)
+    assert [f["seq"] for f in frames] == list(range(1, 26))
+    assert [r[0] for r in await rows(database, "lobby")] == list(range(1, 26))
+    status = writer.status()
+    assert status["stored"] == 25
+    assert status["batches"] <= 6, status  # the 24 waited behind the slow one together
 
 
 async def test_a_publish_retried_while_its_first_copy_is_being_stored_gets_the_same_answer(
-    make_hearth, postgres, database
+    make_hearth, pg_proxy, database
 ):
     """The same client_msg_id sent twice while the first insert is slow: both are answered 200 with one id and seq, and one row is stored."""
-    proxy = PgProxy(postgres.port)
-    await proxy.start()
-    try:
-        hearth = await make_hearth(proxy.dsn(database), HEARTH_DB_TIMEOUT="3", **UNLIMITED)
-        client = await hearth.connect("alice")
-        proxy.delay_next_reply(b"INSERT INTO messages", 0.6)
-        ids = [
-            await client.send(op="pub", topic="room:lobby", content="twice", client_msg_id="t1")
-            for _ in range(2)
-        ]
-        ctrls = [
-            (await client.wait_for(lambda f, r=rid: f.get("ctrl", {}).get("id") == r, 10))["ctrl"]
-            for rid in ids
-        ]
-        assert [c["code"] for c in ctrls] == [200, 200], ctrls
-        assert ctrls[0]["params"] == ctrls[1]["params"]
-        assert [r[1] for r in await rows(database, "lobby")] == ["t1"]
-    finally:
-        await proxy.close()
+    hearth = await make_hearth(pg_proxy.dsn(database), HEARTH_DB_TIMEOUT="3", **UNLIMITED)
+    client = await hearth.connect("alice")
+    pg_proxy.delay_next_reply(b"INSERT INTO messages", 0.6)
+    ids = [
+        await client.send(op="pub", topic="room:lobby", content="twice", client_msg_id="t1")
+        for _ in range(2)
+    ]
+    ctrls = [
+        (await client.wait_for(lambda f, r=rid: f.get("ctrl", {}).get("id") == r, 10))["ctrl"]
+        for rid in ids
+    ]
+    assert [c["code"] for c in ctrls] == [200, 200], ctrls
+    assert ctrls[0]["params"] == ctrls[1]["params"]
+    assert [r[1] for r in await rows(database, "lobby")] == ["t1"]
 
 
 async def test_a_batch_that_times_out_is_spooled_whole_and_each_message_arrives_once(
-    make_hearth, postgres, database
+    make_hearth, pg_proxy, database
 ):
     """A batch whose COMMIT lands after the deadline: every publish in it and behind it gets 202 in time, and after the drain the subscriber has seqs 1..N once, in order."""
-    proxy = PgProxy(postgres.port)
-    await proxy.start()
-    try:
-        hearth = await make_hearth(
-            proxy.dsn(database), HEARTH_DB_TIMEOUT="1", HEARTH_ROOM_WRITERS="1", **UNLIMITED
+    hearth = await make_hearth(
+        pg_proxy.dsn(database), HEARTH_DB_TIMEOUT="1", HEARTH_ROOM_WRITERS="1", **UNLIMITED
+    )
+    subscriber = await hearth.connect("bob")
+    await subscriber.request("sub", topic="room:lobby")
+    publisher = await hearth.connect("alice")
+    pg_proxy.delay_next_reply(b"INSERT INTO messages", 2.5)
+    started = time.monotonic()
+    ids = [
+        await publisher.send(
+            op="pub", topic="room:lobby", content=f"late {n}", client_msg_id=f"l{n}"
         )
-        subscriber = await hearth.connect("bob")
-        await subscriber.request("sub", topic="room:lobby")
-        publisher = await hearth.connect("alice")
-        proxy.delay_next_reply(b"INSERT INTO messages", 2.5)
-        started = time.monotonic()
-        ids = [
-            await publisher.send(
-                op="pub", topic="room:lobby", content=f"late {n}", client_msg_id=f"l{n}"
-            )
-            for n in range(6)
-        ]
-        codes = []
-        for request_id in ids:
-            frame = await publisher.wait_for(
-                lambda f, rid=request_id: f.get("ctrl", {}).get("id") == rid, 10
-            )
-            codes.append(frame["ctrl"]["code"])
-        assert codes == [202] * 6, codes
-        assert time.monotonic() - started < 1 + 1 + 0.5  # HEARTH_DB_TIMEOUT plus 1 s
-        frames = await collect_stored(subscriber, 6, timeout=30)
-        await subscriber.settle(1.0)
-        frames += stored_frames(subscriber)
-        assert [(f["seq"], f["client_msg_id"]) for f in frames] == [
-            (n + 1, f"l{n}") for n in range(6)
-        ]
-        assert [r[1] for r in await rows(database, "lobby")] == [f"l{n}" for n in range(6)]
-    finally:
-        await proxy.close()
+        for n in range(6)
+    ]
+    codes = []
+    for request_id in ids:
+        frame = await publisher.wait_for(
+            lambda f, rid=request_id: f.get("ctrl", {}).get("id") == rid, 10
+        )
+        codes.append(frame["ctrl"]["code"])
+    assert codes == [202] * 6, codes
+    assert time.monotonic() - started < 1 + 1 + 0.5  # HEARTH_DB_TIMEOUT plus 1 s
+    frames = await collect_stored(subscriber, 6, timeout=30)
+    await subscriber.settle(1.0)
+    frames += stored_frames(subscriber)
+    assert [(f["seq"], f["client_msg_id"]) for f in frames] == [(n + 1, f"l{n}") for n in range(6)]
+    assert [r[1] for r in await rows(database, "lobby")] == [f"l{n}" for n in range(6)]
 
 
 async def test_a_writer_crash_answers_its_waiting_publishes_at_once_and_a_retry_stores_once(
-    make_hearth, postgres, database
+    make_hearth, pg_proxy, database
 ):
     """A writer that crashes while an insert is on its way answers that publish 503 with retry_after at once, not at the deadline; the retry after the restart is stored exactly once."""
-    proxy = PgProxy(postgres.port)
-    await proxy.start()
-    try:
-        hearth = await make_hearth(
-            proxy.dsn(database), HEARTH_DB_TIMEOUT="5", HEARTH_ROOM_WRITERS="1", **UNLIMITED
-        )
-        writer = hearth.app[keys.SUPERVISOR].get("room_writer.0")
-        client = await hearth.connect("alice")
-        proxy.delay_next_reply(b"INSERT INTO messages", 2.0)
-        request_id = await client.send(
-            op="pub", topic="room:lobby", content="crash", client_msg_id="x1"
-        )
-        await asyncio.sleep(0.3)
-        started = time.monotonic()
-        writer.cast(object())  # no handler for it: the incarnation crashes
-        frame = await client.wait_for(lambda f: f.get("ctrl", {}).get("id") == request_id, 10)
-        assert time.monotonic() - started < 1.0
-        assert frame["ctrl"]["code"] == 503, frame
-        assert frame["ctrl"]["params"]["retry_after"] > 0
-        await wait_until(lambda: writer.restarts == 1 and writer.ready.is_set(), 10, "restart")
-        retried = await client.request(
-            "pub", topic="room:lobby", content="crash", client_msg_id="x1"
-        )
-        assert (retried["code"], retried["params"]["seq"]) == (200, 1), retried
-        assert [r[1] for r in await rows(database, "lobby")] == ["x1"]
-    finally:
-        await proxy.close()
+    hearth = await make_hearth(
+        pg_proxy.dsn(database), HEARTH_DB_TIMEOUT="5", HEARTH_ROOM_WRITERS="1", **UNLIMITED
+    )
+    writer = hearth.app[keys.SUPERVISOR].get("room_writer.0")
+    client = await hearth.connect("alice")
+    pg_proxy.delay_next_reply(b"INSERT INTO messages", 2.0)
+    request_id = await client.send(
+        op="pub", topic="room:lobby", content="crash", client_msg_id="x1"
+    )
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    writer.cast(object())  # no handler for it: the incarnation crashes
+    frame = await client.wait_for(lambda f: f.get("ctrl", {}).get("id") == request_id, 10)
+    assert time.monotonic() - started < 1.0
+    assert frame["ctrl"]["code"] == 503, frame
+    assert frame["ctrl"]["params"]["retry_after"] > 0
+    await wait_until(lambda: writer.restarts == 1 and writer.ready.is_set(), 10, "restart")
+    retried = await client.request("pub", topic="room:lobby", content="crash", client_msg_id="x1")
+    assert (retried["code"], retried["params"]["seq"]) == (200, 1), retried
+    assert [r[1] for r in await rows(database, "lobby")] == ["x1"]
 
 
 async def test_one_rooms_backlog_does_not_hold_up_other_rooms(make_hearth, database):

@@ -34,7 +34,7 @@ from app.log import setup_logging
 from app.models import Message, RoomRecord
 from app.resilience import Backoff
 from app.store import MIGRATIONS_DIR, ROOMS_CHANNEL, MigrationFailed, Store, _as_app_error
-from tests.conftest import wait_until
+from tests.conftest import log_records, wait_until
 
 
 def _db_name(dsn: str) -> str:
@@ -50,20 +50,6 @@ async def store(database, tmp_path):
     await store.create_room("lobby")
     yield store
     await store.close()
-
-
-@pytest.fixture
-def log_stream():
-    """Every log line of the test, as JSON text."""
-    stream = io.StringIO()
-    setup_logging(level="DEBUG", stream=stream)
-    yield stream
-    setup_logging(level="DEBUG", stream=io.StringIO())
-
-
-def log_lines(stream: io.StringIO) -> list[dict]:
-    """The JSON log records written so far."""
-    return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
 def message(index: int, *, room: str = "lobby", sender: str = "alice", content: str | None = None):
@@ -495,7 +481,9 @@ async def test_statement_blocked_on_a_row_lock_times_out_once_and_dies_on_the_se
         elapsed = time.monotonic() - started
         gone_after = await seconds_until_no_lock_waiter(monitor, database, limit=2.0)
         await wait_until(
-            lambda: any(r["msg"] == "abandoned statement cancelled" for r in log_lines(log_stream)),
+            lambda: any(
+                r["msg"] == "abandoned statement cancelled" for r in log_records(log_stream)
+            ),
             timeout=2.0,
         )
     finally:
@@ -504,7 +492,7 @@ async def test_statement_blocked_on_a_row_lock_times_out_once_and_dies_on_the_se
     assert 1.0 <= elapsed < 1.5
     assert caught.value.status == 504 and caught.value.code == "DATABASE_TIMEOUT"
     assert caught.value.retry_after == 2
-    records = log_lines(log_stream)
+    records = log_records(log_stream)
     assert not [r for r in records if "retrying" in r["msg"]]
     # Whether the cancel or the server's own 1 s statement timeout got there first varies.
     assert len([r for r in records if r["msg"] == "abandoned statement cancelled"]) == 1
@@ -635,9 +623,9 @@ async def test_stopped_server_is_database_error_and_a_restart_costs_one_retry(
         # nobody noticed yet: the next query is the first to find out.
         own_postgres.stop("fast")
         own_postgres.start()
-        before = len([r for r in log_lines(log_stream) if "retrying once" in r["msg"]])
+        before = len([r for r in log_records(log_stream) if "retrying once" in r["msg"]])
         assert await store.latest_seq("lobby") == 0
-        stale = len([r for r in log_lines(log_stream) if "retrying once" in r["msg"]]) - before
+        stale = len([r for r in log_records(log_stream) if "retrying once" in r["msg"]]) - before
     finally:
         await store.close()
     assert stale == 1

@@ -493,27 +493,20 @@ async def test_clients_that_subscribe_and_vanish_leave_nothing_behind(hearth):
 
 
 async def test_an_auth_slowed_by_the_database_past_the_auth_timeout_is_not_a_logout(
-    make_hearth, postgres, database
+    make_hearth, pg_proxy, database
 ):
     """An auth still waiting on a slow token query when HEARTH_AUTH_TIMEOUT passes is answered (200) and the socket stays open: 1008 would tell the client to log in again."""
     import time
 
-    from tests.conftest import PgProxy
-
-    proxy = PgProxy(postgres.port)
-    await proxy.start()
-    try:
-        hearth = await make_hearth(
-            proxy.dsn(database), HEARTH_AUTH_TIMEOUT="1", HEARTH_DB_TIMEOUT="4"
-        )
-        client = await hearth.connect(user=None)
-        proxy.delay_next_reply(b"FROM auth_tokens", 2.0)
-        started = time.monotonic()
-        ctrl = await client.request("auth", token=hearth.tokens["alice"], timeout=10)
-        assert ctrl["code"] == 200, ctrl
-        assert time.monotonic() - started > 1.5  # it did outlast the auth timeout
-        assert proxy.delayed_replies == 1
-        assert (await client.request("ping"))["text"] == "pong"
-        assert client.ws.close_code is None
-    finally:
-        await proxy.close()
+    hearth = await make_hearth(
+        pg_proxy.dsn(database), HEARTH_AUTH_TIMEOUT="1", HEARTH_DB_TIMEOUT="4"
+    )
+    client = await hearth.connect(user=None)
+    pg_proxy.delay_next_reply(b"FROM auth_tokens", 2.0)
+    started = time.monotonic()
+    ctrl = await client.request("auth", token=hearth.tokens["alice"], timeout=10)
+    assert ctrl["code"] == 200, ctrl
+    assert time.monotonic() - started > 1.5  # it did outlast the auth timeout
+    assert pg_proxy.delayed_replies == 1
+    assert (await client.request("ping"))["text"] == "pong"
+    assert client.ws.close_code is None
