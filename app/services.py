@@ -275,8 +275,26 @@ def _read_pid(pid_file: Path) -> int | None:
     return pid if process_alive(pid) else None
 
 
+class _PidFileProcess:
+    """A background process known by the pid file its subclass names in `pid_file`."""
+
+    @property
+    def pid_file(self) -> Path:
+        raise NotImplementedError
+
+    def running(self) -> bool:
+        """Whether the process behind the pid file is alive."""
+        return _read_pid(self.pid_file) is not None
+
+    def _terminate(self, timeout: float = 10.0) -> None:
+        """SIGTERM it, wait up to *timeout* seconds, then SIGKILL (see `stop_process`)."""
+        pid = _read_pid(self.pid_file)
+        if pid is not None:
+            stop_process(pid, timeout)
+
+
 @dataclass
-class LocalRedis:
+class LocalRedis(_PidFileProcess):
     """A Redis server with its files in *data_dir*, listening on 127.0.0.1:*port*."""
 
     data_dir: Path
@@ -316,15 +334,9 @@ class LocalRedis:
         _run(cmd)
         wait_for_port(self.port)
 
-    def running(self) -> bool:
-        """Whether the daemon behind the pid file is alive."""
-        return _read_pid(self.pid_file) is not None
-
     def stop(self) -> None:
         """Stop the daemon and wait for it to exit."""
-        pid = _read_pid(self.pid_file)
-        if pid is not None:
-            stop_process(pid)
+        self._terminate()
 
 
 def _ready(url: str) -> bool:
@@ -343,7 +355,7 @@ def _log_tail(path: Path, lines: int = 5) -> str:
 
 
 @dataclass
-class LocalHearth:
+class LocalHearth(_PidFileProcess):
     """One ``python -m app serve`` on 127.0.0.1:*port*, with its spool, logs and pid in *folder*.
 
     *env* holds the ``HEARTH_*`` settings it shares with its peers (database, Redis); its
@@ -411,15 +423,9 @@ class LocalHearth:
                 )
             time.sleep(0.1)
 
-    def running(self) -> bool:
-        """Whether the process behind the pid file is alive."""
-        return _read_pid(self.pid_file) is not None
-
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM it (it drains), wait up to *timeout* seconds, then SIGKILL."""
-        pid = _read_pid(self.pid_file)
-        if pid is not None:
-            stop_process(pid, timeout)
+        self._terminate(timeout)
         if self.process is not None:
             self.process.wait()
         self.pid_file.unlink(missing_ok=True)
@@ -472,7 +478,7 @@ def render_haproxy_config(
 
 
 @dataclass
-class LocalHaproxy:
+class LocalHaproxy(_PidFileProcess):
     """HAProxy on 127.0.0.1:*port* in front of hearth on *server_ports*, its files in *folder*."""
 
     folder: Path
@@ -555,15 +561,9 @@ class LocalHaproxy:
             if row["pxname"] == "hearth" and row["svname"] not in ("FRONTEND", "BACKEND")
         }
 
-    def running(self) -> bool:
-        """Whether the daemon behind the pid file is alive."""
-        return _read_pid(self.pid_file) is not None
-
     def stop(self) -> None:
         """Stop the daemon (SIGTERM, then SIGKILL after 10 s)."""
-        pid = _read_pid(self.pid_file)
-        if pid is not None:
-            stop_process(pid)
+        self._terminate()
         self.pid_file.unlink(missing_ok=True)
 
 
