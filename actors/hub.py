@@ -250,7 +250,10 @@ class Hub(Actor):
             message.reply.answer(200, "ok", {"seq": head})
             self._add_subscription(connection, key)
         else:
-            connection.room_seqs[key] = message.since
+            # A connection already subscribed was sent up to room_seqs, in order on this
+            # socket: a resubscribe (after a resync, say) never sends those again.
+            sent = connection.room_seqs.get(key) if key in connection.topics else None
+            connection.room_seqs[key] = message.since if sent is None else max(sent, message.since)
             connection.held.setdefault(key, [])  # a gap fill under way keeps what it holds
             self._add_subscription(connection, key)
         return True

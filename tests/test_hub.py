@@ -318,6 +318,34 @@ async def test_a_room_head_from_another_instance_makes_a_client_behind_it_fill_t
     assert hub.registry.heads["room:lobby"] == 3
 
 
+async def test_a_resubscribe_with_since_never_resends_what_this_connection_was_sent():
+    """A client that resubscribes with a since older than what the hub already sent it (its resync crossed a live frame) gets each seq once: the fill skips what the socket carries already."""
+    from actors.hub import Deliver, Filled, Hub, Join, Registry, Subscribe
+    from app.connection import Reply
+    from app.models import Message
+    from app.protocol import Topic
+
+    def stored(seq: int) -> Message:
+        return Message(
+            id=f"m{seq}", room="lobby", sender="ann", client_msg_id=f"c{seq}", content="x",
+            created_at="2026-12-01T00:00:00.000Z", seq=seq,
+        )  # fmt: skip
+
+    hub = Hub(Registry())
+    client = Recorder("ben")
+    topic = Topic("room", "lobby")
+    await hub._handle_join(Join(client.connection))
+    await hub._handle_subscribe(Subscribe(client.connection, topic, Reply(client.connection, "s")))
+    await hub._handle_deliver(Deliver((stored(1), stored(2), stored(3))))
+    # The client saw 1 when it asked to resubscribe since 1; 2 and 3 were on their way.
+    again = Reply(client.connection, "s2")
+    await hub._handle_subscribe(Subscribe(client.connection, topic, again, since=1))
+    page = tuple(stored(seq) for seq in (2, 3, 4))
+    await hub._handle_filled(Filled(client.connection, "room:lobby", page))
+    seqs = [f["data"]["seq"] for f in client.frames() if "data" in f]
+    assert seqs == [1, 2, 3, 4]
+
+
 async def test_subscribe_after_leave_is_ignored():
     """A Subscribe handled after the connection's Leave changes nothing: no subscriber, no presence, no reply."""
     from actors.hub import Hub, Join, Leave, Registry, Subscribe
