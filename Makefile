@@ -26,6 +26,8 @@ run: services
 
 test: $(STAMP)
 	$(PY) -c "import app.services as s; s.ensure_redis_installed()"
+	@# promtool checks deploy/alerts.yml; without it those tests skip.
+	$(PY) -c "import pathlib, app.services as s; s.ensure_promtool(pathlib.Path('$(VENV)/bin'))"
 	@# pytest exits 5 when it collects nothing; that is not a failure of ours.
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 

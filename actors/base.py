@@ -150,6 +150,8 @@ class Actor:
         self.state = ActorState.STOPPED
         #: Restarts so far; written by the supervisor.
         self.restarts = 0
+        #: Of those, the ones an operator asked for (not crashes); written by the supervisor.
+        self.operator_restarts = 0
         #: Times a watchdog found the actor stalled; written by the supervisor.
         self.stalls = 0
         #: Safe summary of the last crash (see :func:`describe_error`), or None.
@@ -294,6 +296,7 @@ class Actor:
             "name": self.name,
             "state": self.state.value,
             "restarts": self.restarts,
+            "operator_restarts": self.operator_restarts,
             "last_error": self.last_error,
             "mailbox": {
                 "depth": self.mailbox.qsize(),

@@ -6,14 +6,11 @@ import asyncio
 import itertools
 import json
 import os
-import resource
-import shutil
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,7 +18,8 @@ import aiohttp
 from actors.base import Actor, Timer
 from actors.hub import Hub, StatusUpdate, TopicEvent
 from app import metrics
-from app.errors import CircuitOpen, MailboxFull, RpcFailure
+from app.errors import CircuitOpen, MailboxFull, NotFound, RpcFailure
+from app.host import disk_space, host_memory, rss_bytes
 from app.log import get_logger, iso_utc, redact_text
 from app.looplag import LoopLag
 from app.protocol import error_data
@@ -129,6 +127,14 @@ class Poll:
 @dataclass(frozen=True, slots=True)
 class Probe:
     """Time to probe *source*, whose breaker is open."""
+
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResetBreaker:
+    """An operator closes *source*'s breaker; a poll follows at once. Replies True, or
+    False for a feed without a breaker (the system feed); an unknown name is NotFound."""
 
     source: str
 
@@ -367,6 +373,18 @@ class EventSubscriber(Actor):
 
     # -- the breaker ---------------------------------------------------------------------------
 
+    async def _handle_reset_breaker(self, message: ResetBreaker) -> bool:
+        feed = self.cache.feeds.get(message.source)
+        if feed is None:
+            raise NotFound(f"no status feed {message.source!r}")
+        if feed.breaker is None:
+            return False
+        feed.breaker.reset()
+        self._follow_breaker(feed)
+        if message.source not in self._in_flight:
+            self._tell_self(Poll(message.source))
+        return True
+
     @staticmethod
     def _breaker_changed(breaker: str, old: BreakerState, new: BreakerState) -> None:
         # The breaker logs every transition itself; this counts them.
@@ -434,18 +452,19 @@ class EventSubscriber(Actor):
         then, cpu_then = self._cpu_mark
         self._cpu_mark = (now, cpu)
         cpu_percent = 100 * (cpu - cpu_then) / (now - then) if now > then else 0.0
-        try:
-            disk_free = shutil.disk_usage(_existing(self.disk_path)).free
-        except OSError:
-            disk_free = None
+        disk = disk_space(self.disk_path)
+        memory = host_memory()
         snapshot = {
             "cpu": {
                 "process_percent": round(cpu_percent, 1),
                 "load": [round(load, 2) for load in os.getloadavg()],
                 "count": os.cpu_count(),
             },
-            "memory": {"rss_bytes": _rss_bytes(), "available_bytes": _mem_available()},
-            "disk": {"free_bytes": disk_free},
+            "memory": {
+                "rss_bytes": rss_bytes(),
+                "available_bytes": None if memory is None else memory.available,
+            },
+            "disk": {"free_bytes": None if disk is None else disk.free},
             "connections": len(self.hub.registry.connections),
             "loop_lag_ms": _ms(self.loop_lag.recent),
         }
@@ -471,31 +490,3 @@ def _outcome(error: Exception) -> str:
     if isinstance(error, aiohttp.ClientError | OSError):
         return "connection_error"
     return "error"
-
-
-def _existing(path: str) -> Path:
-    """*path*, or its nearest existing parent: the spool folder may not exist yet."""
-    candidate = Path(path).absolute()
-    while not candidate.exists() and candidate != candidate.parent:
-        candidate = candidate.parent
-    return candidate
-
-
-def _rss_bytes() -> int:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        # Peak rather than current RSS, in KiB on Linux: the best the stdlib has elsewhere.
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None

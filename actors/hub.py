@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,6 +108,8 @@ class Deliver:
     spooled (seq None)."""
 
     messages: tuple[Message, ...]
+    #: When the batch left the outlet (``time.perf_counter``), for the fan-out latency.
+    sent_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,8 +345,13 @@ class Hub(Actor):
             if stored.seq is not None and stored.seq > heads.get(key, 0):
                 heads[key] = stored.seq
         subscribers = self.registry.subscribers.get(key)
-        if not subscribers:
-            return
+        if subscribers:
+            self._fan_out(key, batch, subscribers)
+            metrics.DELIVERIES.inc(len(batch) * len(subscribers))
+        metrics.FANOUT_SECONDS.observe(time.perf_counter() - message.sent_at)
+
+    def _fan_out(self, key: str, batch: tuple[Message, ...], subscribers: set[Connection]) -> None:
+        """Route *batch* to each of *subscribers*, building each frame once."""
         # Once per broadcast, not once per client: the text, and the socket's wire bytes.
         frames = [encode(data_frame(stored)) for stored in batch]
         wires = [text_frame(frame) for frame in frames]

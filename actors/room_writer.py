@@ -65,6 +65,7 @@ class Outlet:
         """Hand *messages* to every consumer; one consumer's failure never stops the others."""
         if not messages:
             return
+        metrics.MESSAGES_OUT.inc(len(messages))
         first = messages[0]
         for consumer in self._consumers:
             try:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from actors.base import Actor, ActorState
-from app.errors import ActorError, ActorStalled, ActorTimeout
+from app.errors import ActorError, ActorRestarted, ActorStalled, ActorTimeout
 from app.log import get_logger
 from app.resilience import Backoff
 
@@ -95,6 +95,8 @@ class _Child:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     #: Whether the child ended for good by design (transient returned, temporary exited).
     done: bool = False
+    #: Set by an operator's restart to cut a restart delay short.
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def actor(self) -> Actor:
@@ -177,6 +179,23 @@ class Supervisor:
         """The child actor called *name*, or None when this instance runs none."""
         child = self._by_name.get(name)
         return None if child is None else child.actor
+
+    def restart(self, name: str) -> bool:
+        """Restart the child called *name* now, because an operator asked to.
+
+        A running child's incarnation is cancelled (its ``on_stop`` runs, waiting callers get
+        a 503) and a new one starts at once; a child waiting out a restart delay, even a
+        failed one, starts at once with its intensity forgiven. It counts as a restart but
+        not as a crash. Returns False while stopping or for a child that ended by design;
+        raises KeyError for an unknown name.
+        """
+        child = self._by_name[name]
+        if self._stopping or child.task is None or child.done:
+            return False
+        child.wake.set()
+        if child.actor.started_at is not None and child.interrupt is None:
+            self._interrupt(child, ActorRestarted(f"{name} restarted by an operator"))
+        return True
 
     async def start(self) -> None:
         """Start the children in order, each once the previous is ready.
@@ -289,6 +308,9 @@ class Supervisor:
             if self._stopping:
                 return
             actor = child.actor
+            if isinstance(error, ActorRestarted):
+                self._restart_now(child)
+                continue
             if error is not None:
                 actor.record_error(error)
             if not self._should_restart(child.spec.restart, error):
@@ -300,7 +322,31 @@ class Supervisor:
                     error=None if error is None else type(error).__name__,
                 ).info("Actor exited; not restarting it")
                 return
-            await self._sleep(self._plan_restart(child, error))
+            await self._wait_or_wake(child, self._plan_restart(child, error))
+
+    def _restart_now(self, child: _Child) -> None:
+        """Count an operator's restart of a running child: logged, no backoff, forgiven."""
+        child.wake.clear()
+        self._forgive(child)
+        child.actor.restarts += 1
+        child.actor.operator_restarts += 1
+        child.actor.state = ActorState.RESTARTING
+        log.bind(actor=child.actor.name).warning("Actor restarted by an operator")
+
+    async def _wait_or_wake(self, child: _Child, delay: float) -> None:
+        """Sleep *delay* seconds, or less if an operator restarts the child meanwhile."""
+        if not child.wake.is_set():
+            sleep = asyncio.ensure_future(self._sleep(delay))
+            woken = asyncio.ensure_future(child.wake.wait())
+            try:
+                await asyncio.wait({sleep, woken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleep.cancel()
+                woken.cancel()
+        if child.wake.is_set():
+            child.wake.clear()
+            self._forgive(child)
+            log.bind(actor=child.actor.name).warning("Actor restart delay cut short by an operator")
 
     async def _run_incarnation(self, child: _Child) -> BaseException | None:
         """Run the actor once; return the crash error, or None when it returned normally."""

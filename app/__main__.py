@@ -114,9 +114,14 @@ async def _announce_when_listening(settings: Settings, server: asyncio.Future[No
     else:
         return
     print(f"hearth is serving on http://{host}:{settings.port}", flush=True)
+    print(f"diagnostics dashboard: http://{host}:{settings.port}/dashboard", flush=True)
     credentials = _demo_credentials(settings.database_url)
     if credentials is not None:
         print(f"demo login: {credentials[0]} / {credentials[1]}", flush=True)
+        print(
+            f"forgot or changed it? python -m app user reset-password {credentials[0]}",
+            flush=True,
+        )
 
 
 def _demo_credentials_file(database_url: str) -> Path:
@@ -658,6 +663,31 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return _run_reporting(retry if args.action == "retry" else list_letters, settings)
 
 
+def cmd_maintenance(args: argparse.Namespace) -> int:
+    """Turn maintenance mode on or off, or show it, for the instance whose HEARTH_SPOOL_DIR
+    this is. While it is on, ``/health/ready`` answers 503 (reason ``maintenance``), so the
+    load balancer sends new clients elsewhere; connected clients stay. It survives a
+    restart. A running server sees the change at its next probe, no restart needed."""
+    from app.maintenance import MAINTENANCE_FILE, Maintenance
+
+    settings = _load_settings(sys.stderr)
+    maintenance = Maintenance(Path(settings.spool_dir) / MAINTENANCE_FILE)
+    by = f"cli:{getpass.getuser()}"
+    if args.action == "on":
+        state = maintenance.turn_on(by=by, reason=args.reason)
+        print(f"maintenance on since {state.since}; readiness answers 503", flush=True)
+    elif args.action == "off":
+        was_on = maintenance.turn_off(by=by)
+        print("maintenance off" if was_on else "maintenance was not on", flush=True)
+    else:
+        current = maintenance.state()
+        if current is None:
+            print("maintenance off", flush=True)
+        else:
+            print(f"maintenance on since {current.since} by {current.by}: {current.reason}")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Check that migrations are current, every room's seqs are whole, the spool is empty
     and there are no dead letters; print each result, exit 0 only when all hold."""
@@ -804,6 +834,16 @@ def build_parser() -> argparse.ArgumentParser:
         description=cmd_check.__doc__,
     )  # fmt: skip
     check.set_defaults(func=cmd_check)
+    maintenance = commands.add_parser(
+        "maintenance", help="turn maintenance mode on or off (readiness 503), or show it",
+        description=cmd_maintenance.__doc__,
+    )  # fmt: skip
+    maintenance_actions = maintenance.add_subparsers(dest="action", required=True)
+    maintenance_on = maintenance_actions.add_parser("on", help="take this instance out of rotation")
+    maintenance_on.add_argument("--reason", default="", help="a note shown on the dashboard")
+    maintenance_actions.add_parser("off", help="put it back into rotation")
+    maintenance_actions.add_parser("status", help="show whether it is on, since when and why")
+    maintenance.set_defaults(func=cmd_maintenance)
     force_help = "run even though a server answers on HEARTH_PORT (it must use another spool)"
     drain = commands.add_parser(
         "drain-spool", help="store every spooled message now", description=cmd_drain_spool.__doc__

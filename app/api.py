@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -42,7 +42,7 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-async def _json_object(request: web.Request) -> dict[str, Any]:
+async def json_object(request: web.Request) -> dict[str, Any]:
     """The JSON object in *request*'s body; anything else raises `ValidationError`.
 
     Every bad body is the same 400 ``INVALID_MESSAGE``, logged at INFO: an empty body, bytes
@@ -61,23 +61,32 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
                 break
     if max(declared, len(raw)) > MAX_BODY_BYTES:
         text = f"body over {MAX_BODY_BYTES} bytes"
-        raise ValidationError(text, text=text)
+        raise ValidationError(text, text=text, fields={"body": text})
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         # UnicodeDecodeError and the digit limit's error are ValueErrors too, and json's
         # scanner raises RecursionError for nesting like "[" * 50_000.
-        raise ValidationError("body is not JSON") from None
+        raise ValidationError("body is not JSON", fields={"body": "not JSON"}) from None
     if not isinstance(body, dict):
-        raise ValidationError("body is not a JSON object")
+        raise ValidationError("body is not a JSON object", fields={"body": "not a JSON object"})
     return body
 
 
 def _string_field(body: dict[str, Any], name: str) -> str:
     value = body.get(name)
     if not isinstance(value, str) or not value or len(value) > MAX_CREDENTIAL_LENGTH:
-        raise ValidationError(f"field {name} missing or not a short string")
+        reason = "missing" if value is None else "not a short string"
+        raise ValidationError(f"field {name} {reason}", fields={name: reason})
     return value
+
+
+def _checked_field(body: dict[str, Any], name: str, check: Callable[[Any], str]) -> str:
+    """*body*'s field *name* passed through *check*, whose refusal names the field."""
+    try:
+        return check(body.get(name))
+    except ValidationError as exc:
+        raise ValidationError(exc.detail, text=exc.text, fields={name: exc.client_text}) from None
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -146,7 +155,7 @@ async def require_admin(request: web.Request) -> User:
 @routes.post("/api/v1/auth/login")
 async def login(request: web.Request) -> web.Response:
     """``{username, password}`` → ``{token, expires_at, user}``; 401, or 429 with Retry-After."""
-    body = await _json_object(request)
+    body = await json_object(request)
     username, password = _string_field(body, "username"), _string_field(body, "password")
     auth = request.app[keys.AUTH]
     limiter = request.app[keys.LIMITER]
@@ -212,11 +221,11 @@ async def list_rooms(request: web.Request) -> web.Response:
 async def create_room(request: web.Request) -> web.Response:
     """Admin only: ``{name, private?}`` → 201 ``{name, private}``; 409 when it exists."""
     admin = await require_admin(request)
-    body = await _json_object(request)
-    name = check_room_name(body.get("name"))
+    body = await json_object(request)
+    name = _checked_field(body, "name", check_room_name)
     private = body.get("private", False)
     if not isinstance(private, bool):
-        raise ValidationError("private is not a boolean")
+        raise ValidationError("private is not a boolean", fields={"private": "not a boolean"})
     if not await request.app[keys.STORE].create_room(name, private=private):
         raise Conflict(f"room {name} exists", text="room already exists")
     await _refresh_directory(request, name)
@@ -229,7 +238,7 @@ async def add_room_member(request: web.Request) -> web.Response:
     """Admin only: ``{username}`` joins the room; 404 for an unknown room or user."""
     admin = await require_admin(request)
     room = check_room_name(request.match_info["name"])
-    username = check_username((await _json_object(request)).get("username"))
+    username = _checked_field(await json_object(request), "username", check_username)
     # The room_members trigger's NOTIFY refreshes every server's room directory.
     await request.app[keys.STORE].add_room_member(room, username)
     await _refresh_directory(request, room)

@@ -285,6 +285,13 @@ class Settings:
     shutdown_timeout: float = setting(
         "HEARTH_SHUTDOWN_TIMEOUT", 10.0, "Deadline for a graceful stop (s).", minimum=0.1
     )
+    max_connections: int = setting(
+        "HEARTH_MAX_CONNECTIONS",
+        10000,
+        "WebSocket clients an instance takes; past it an upgrade gets 503 with Retry-After. "
+        "The effective limit is lower when the open-file limit (``ulimit -n``) is.",
+        minimum=1,
+    )
     event_loop: str = setting(
         "HEARTH_EVENT_LOOP",
         "asyncio",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app import metrics
-from app.errors import ctrl_frame, render_error
+from app.errors import AppError, ctrl_frame, render_error
 from app.log import get_logger
 from app.protocol import encode, error_event, text_frame
 
@@ -65,10 +65,12 @@ class Reply:
 
     def send(self, code: int, text: str, params: dict[str, Any] | None = None) -> None:
         """Queue the ctrl reply; only its claimer calls this."""
+        metrics.count_request("ws", code)
         self.connection.offer(encode(ctrl_frame(self.request_id, code, text, params)))
 
     def send_error(self, exc: BaseException) -> None:
         """Queue *exc* rendered safely as the reply; only its claimer calls this."""
+        metrics.count_request("ws", exc.status if isinstance(exc, AppError) else 500)
         self.connection.offer(encode(render_error(exc, self.request_id)))
 
 

@@ -111,11 +111,32 @@ class AppError(Exception):
 
 
 class ValidationError(AppError):
-    """A frame or field was malformed or missing."""
+    """A frame or field was malformed or missing.
+
+    *fields* maps each offending field to why it was refused (safe texts only: never the
+    value); they reach the client as ``params.details``, a list of ``{field, reason}``.
+    """
 
     code = "INVALID_MESSAGE"
     category = "validation"
     status = 400
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        text: str | None = None,
+        retry_after: float | None = None,
+        params: dict[str, Any] | None = None,
+        fields: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail, text=text, retry_after=retry_after, params=params)
+        #: Field name -> why it was refused, for the client's ``params.details``.
+        self.fields: dict[str, str] = dict(fields or {})
+        if self.fields:
+            self.params["details"] = [
+                {"field": name, "reason": reason} for name, reason in self.fields.items()
+            ]
 
 
 class MessageTooLong(ValidationError):
@@ -239,6 +260,13 @@ class DatabaseRejected(AppError):
         self.pgcode = pgcode
 
 
+class AtCapacity(ServiceUnavailable):
+    """The instance holds as many connections as it may (HEARTH_MAX_CONNECTIONS)."""
+
+    text = "server at capacity"
+    retry_after = 5
+
+
 class SpoolFull(ServiceUnavailable):
     """The outage spool has no room for another message."""
 
@@ -357,6 +385,10 @@ class ActorStalled(ActorError):
     """An actor sat on a backlog without progress and the watchdog restarted it."""
 
     code = "ACTOR_STALLED"
+
+
+class ActorRestarted(ActorError):
+    """An operator restarted the actor (dashboard or diagnostics API); not a crash."""
 
 
 def ctrl_frame(

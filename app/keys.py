@@ -14,10 +14,13 @@ if TYPE_CHECKING:
     from actors.hub import Registry
     from actors.room_writer import Outlet
     from actors.supervisor import Supervisor
+    from app.analytics import ErrorRecorder
     from app.auth import Authenticator
     from app.config import Settings
+    from app.diagnostics import Sampler
     from app.directory import RoomDirectory
     from app.looplag import LoopLag
+    from app.maintenance import Maintenance
     from app.ratelimit import KeyedBuckets, SharedLimiter
     from app.spool import Spool
     from app.store import Store
@@ -58,3 +61,15 @@ LOOP_LAG: web.AppKey[LoopLag] = web.AppKey("loop_lag")
 #: Takes from the shared token buckets (per-user publishes, logins): in Redis while it
 #: answers, else local; local only without Redis.
 LIMITER: web.AppKey[SharedLimiter] = web.AppKey("limiter")
+#: Every error answered to a client, kept in memory for statistics and written to
+#: ``error_events`` while PostgreSQL is up (see app/analytics.py).
+ERRORS: web.AppKey[ErrorRecorder] = web.AppKey("errors")
+#: Maintenance mode: readiness answers 503 while it is on (see app/maintenance.py).
+MAINTENANCE: web.AppKey[Maintenance] = web.AppKey("maintenance")
+#: Samples rates and evaluates alerts every second; the diagnostics snapshot reads it.
+SAMPLER: web.AppKey[Sampler] = web.AppKey("sampler")
+#: The dashboard sub-app's parent: the main app, whose snapshot it shows and whose actions
+#: it calls.
+DASHBOARD_PARENT: web.AppKey[web.Application] = web.AppKey("dashboard_parent")
+#: Random per process: the dashboard's CSRF tokens and flash notes are HMACs under it.
+DASHBOARD_SECRET: web.AppKey[bytes] = web.AppKey("dashboard_secret")

@@ -117,3 +117,57 @@ REDIS_CANARY_RTT = Gauge("hearth_redis_canary_rtt_seconds", "Last canary round-t
 BRIDGE_MESSAGES = Counter(
     "hearth_bridge_messages_total", "Room messages carried across instances.", ["direction"]
 )
+
+
+# -- requests and errors (app/middleware.py, app/analytics.py) ---------------------------
+
+#: HTTP requests by method (known ones, else ``other``), canonical route (``unmatched`` when
+#: none matched) and status.
+HTTP_REQUESTS = Counter(
+    "hearth_http_requests_total", "HTTP requests served.", ["method", "route", "status"]
+)
+#: HTTP request latency by canonical route; WebSocket upgrades (whose request lasts as long
+#: as the socket) are left out.
+HTTP_REQUEST_SECONDS = Histogram(
+    "hearth_http_request_duration_seconds", "HTTP request latency.", ["route"]
+)
+#: Requests answered on either transport (``http``; ``ws``: ctrl replies) by status class
+#: (2xx..5xx); the alert rules read the 5xx share of it as the error rate.
+REQUESTS = Counter(
+    "hearth_requests_total", "Requests answered, by transport and status class.",
+    ["transport", "status_class"],
+)  # fmt: skip
+#: Errors answered to clients over either transport, by category and string code.
+ERRORS = Counter("hearth_errors_total", "Errors answered to clients.", ["category", "code"])
+#: Error events waiting in memory to be written to ``error_events``.
+ERROR_EVENTS_PENDING = Gauge("hearth_error_events_pending", "Error events not yet written.")
+#: Error events let go unwritten: the buffer overflowed, or PostgreSQL refused them.
+ERROR_EVENTS_DROPPED = Counter(
+    "hearth_error_events_dropped_total", "Error events dropped before they were written."
+)
+#: The status classes `REQUESTS` counts, as children made once: counting a ctrl reply
+#: is then a dict lookup and an increment.
+_WS_REPLIES = {number: REQUESTS.labels("ws", f"{number}xx") for number in (2, 3, 4, 5)}
+_HTTP_REQUESTS = {number: REQUESTS.labels("http", f"{number}xx") for number in (2, 3, 4, 5)}
+
+
+def count_request(transport: str, status: int) -> None:
+    """Count one request of *transport* (``http`` or ``ws``) answered with *status*.
+
+    Statuses outside 200-599 (a WebSocket upgrade's 101) are not requests answered.
+    """
+    child = (_WS_REPLIES if transport == "ws" else _HTTP_REQUESTS).get(status // 100)
+    if child is not None:
+        child.inc()
+
+
+#: Stored (or spooled) room messages leaving the writers through the outlet.
+MESSAGES_OUT = Counter("hearth_messages_out_total", "Room messages leaving through the outlet.")
+#: Room message frames routed to local clients (one per message per subscriber).
+DELIVERIES = Counter("hearth_deliveries_total", "Room message frames routed to clients.")
+#: From the outlet's emit to the hub having routed the batch to every local subscriber.
+FANOUT_SECONDS = Histogram(
+    "hearth_fanout_seconds",
+    "Fan-out latency: outlet emit to every local subscriber routed.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)

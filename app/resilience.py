@@ -191,6 +191,18 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self.open_seconds - (self.clock() - self.opened_at))
 
+    def reset(self) -> None:
+        """Close the breaker now, as an operator asked: the next call reaches the upstream.
+
+        Calls in flight from before keep their outcome to themselves (the generation moves
+        on), and a failing upstream opens it again after the usual failures.
+        """
+        self.opened_at = None
+        self._transition(BreakerState.CLOSED)
+        self._generation += 1
+        self.consecutive_failures = 0
+        self._window.clear()
+
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Await *fn(\\*args, \\*\\*kwargs)* through the breaker.
 

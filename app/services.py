@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -236,6 +237,35 @@ def ensure_redis_installed() -> str:
 def ensure_haproxy_installed() -> str:
     """Return the haproxy path, installing Debian's package as root when missing."""
     return ensure_installed("haproxy", "haproxy")
+
+
+def ensure_promtool(bin_dir: Path) -> str | None:
+    """Return a promtool path, unpacking the one binary from Debian's ``prometheus`` package
+    into *bin_dir* when missing; None (logged) when that cannot be done.
+
+    Only the binary: installing the package would start a Prometheus server where systemd
+    runs. The alert-rule tests use promtool when it is there and skip without it.
+    """
+    found = shutil.which("promtool") or shutil.which("promtool", path=str(bin_dir))
+    if found or not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        return found
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            try:
+                _run(["apt-get", "download", "-qq", "prometheus"], cwd=scratch)
+            except ServiceError:
+                if os.geteuid() != 0:
+                    raise
+                _run(["apt-get", "update", "-qq"])
+                _run(["apt-get", "download", "-qq", "prometheus"], cwd=scratch)
+            (package,) = Path(scratch).glob("prometheus_*.deb")
+            _run(["dpkg-deb", "-x", str(package), scratch])
+        except (ServiceError, ValueError) as exc:
+            log.bind(error=str(exc)).warning("promtool unavailable; alert-rule checks will skip")
+            return None
+        target = bin_dir / "promtool"
+        shutil.copy2(Path(scratch) / "usr" / "bin" / "promtool", target)
+    return str(target)
 
 
 def process_alive(pid: int) -> bool:

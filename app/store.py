@@ -633,6 +633,75 @@ class Store:
         await self._operate(select_one, name="ping", retry_stale=False)
         return time.perf_counter() - started
 
+    # -- diagnostics ------------------------------------------------------------------------
+
+    async def probe(self, operation: str, *, trace_id: str | None) -> None:
+        """Run one diagnostic *operation*: ``read`` a table, ``write`` the probe row, or do
+        both in one ``transaction``. Raises the store's errors; callers time it."""
+        upsert = (
+            "INSERT INTO diagnostic_probe (id, written_at, trace_id) VALUES (1, now(), %s)"
+            " ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at,"
+            " trace_id = excluded.trace_id"
+        )
+
+        async def read(cursor: Cursor) -> None:
+            await cursor.execute("select", "rooms", "SELECT count(*) FROM rooms")
+            await cursor.fetchone()
+
+        async def write(cursor: Cursor) -> None:
+            await cursor.execute("upsert", "diagnostic_probe", upsert, (trace_id,))
+
+        async def both(cursor: Cursor) -> None:
+            await write(cursor)
+            await cursor.execute(
+                "select", "diagnostic_probe",
+                "SELECT written_at FROM diagnostic_probe WHERE id = 1 FOR UPDATE",
+            )  # fmt: skip
+            await cursor.fetchone()
+            await read(cursor)
+
+        if operation == "transaction":
+            await self.transaction(both, name="probe_transaction")
+        else:
+            await self.run(write if operation == "write" else read, name=f"probe_{operation}")
+
+    async def describe_tables(self) -> dict[str, Any]:
+        """The server's version and connections, and each table's estimated rows, size and
+        indexes (from the catalogue: no table is scanned)."""
+
+        async def select(cursor: Cursor) -> dict[str, Any]:
+            await cursor.execute(
+                "select", "pg_stat_activity",
+                "SELECT current_setting('server_version'),"
+                " (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database())",
+            )  # fmt: skip
+            version, connections = await cursor.fetchone() or ("", 0)
+            await cursor.execute(
+                "select", "pg_class",
+                "SELECT c.relname, greatest(c.reltuples, 0)::bigint,"
+                " pg_total_relation_size(c.oid),"
+                " coalesce(array_agg(i.relname ORDER BY i.relname)"
+                "   FILTER (WHERE i.relname IS NOT NULL), '{}')"
+                " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " LEFT JOIN pg_index x ON x.indrelid = c.oid"
+                " LEFT JOIN pg_class i ON i.oid = x.indexrelid"
+                " WHERE n.nspname = current_schema() AND c.relkind = 'r'"
+                " GROUP BY c.oid, c.relname, c.reltuples ORDER BY c.relname",
+            )  # fmt: skip
+            tables = [
+                {
+                    "name": name,
+                    "estimatedRows": rows,
+                    "sizeBytes": size,
+                    "avgRowBytes": round(size / rows) if rows else None,
+                    "indexes": list(indexes),
+                }
+                for name, rows, size, indexes in await cursor.fetchall()
+            ]
+            return {"serverVersion": version, "serverConnections": connections, "tables": tables}
+
+        return await self.run(select, name="describe_tables")
+
     # -- notifications ----------------------------------------------------------------------
 
     @asynccontextmanager
@@ -970,31 +1039,6 @@ class Store:
 
         await self.run(insert, name="connection_event")
 
-    async def record_error_event(
-        self,
-        *,
-        category: str,
-        code: str,
-        severity: str,
-        component: str,
-        message: str,
-        endpoint: str | None = None,
-        device_type: str | None = None,
-        trace_id: str | None = None,
-    ) -> None:
-        """Append a sanitized error to ``error_events`` for analytics."""
-
-        async def insert(cursor: Cursor) -> None:
-            await cursor.execute(
-                "insert", "error_events",
-                "INSERT INTO error_events (category, code, severity, component, endpoint,"
-                " device_type, trace_id, message) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (category, code, severity, component, endpoint, device_type, trace_id, message),
-                log_params={"code": code, "component": component},
-            )  # fmt: skip
-
-        await self.run(insert, name="error_event")
-
     # -- users, tokens and rooms ------------------------------------------------------------
     # Password and token hashes are secrets: they never go into log_params.
 
@@ -1175,6 +1219,66 @@ class Store:
             return None if row is None else (row[0], row[1])
 
         return await self.run(select, name="room_access")
+
+    # -- error events (app/analytics.py's ErrorRecorder) ------------------------------------
+    # Rows are sanitized by the recorder (no NULs, no lone surrogates, bounded lengths);
+    # event_id makes a batch retried after an unknown outcome add nothing the second time.
+
+    async def insert_error_events(
+        self, events: Sequence[dict[str, Any]], *, timeout: float | None = None
+    ) -> int:
+        """Append *events* to ``error_events`` in one statement; returns the rows new.
+
+        Each event has the keys of `ERROR_EVENT_COLUMNS`. An event whose ``event_id`` is
+        stored already is skipped, so retrying a batch whose outcome was unknown is safe.
+        *timeout* shortens the deadline of `run`.
+        """
+        params = {column: [event[column] for event in events] for column in ERROR_EVENT_COLUMNS}
+
+        async def insert(cursor: Cursor) -> int:
+            await cursor.execute(
+                "insert", "error_events", _INSERT_ERROR_EVENTS_SQL, params,
+                log_params={"count": len(events)},
+            )  # fmt: skip
+            return len(await cursor.fetchall())
+
+        return await self.run(insert, name="insert_error_events", timeout=timeout)
+
+    async def prune_error_events(self, before: datetime, *, limit: int = 10_000) -> int:
+        """Delete up to *limit* of the oldest ``error_events`` rows older than *before*;
+        returns how many went. Bounded, so a long backlog is pruned over several calls."""
+
+        async def delete(cursor: Cursor) -> int:
+            await cursor.execute(
+                "delete", "error_events",
+                "WITH gone AS (DELETE FROM error_events WHERE id IN (SELECT id FROM"
+                " error_events WHERE at < %s ORDER BY at LIMIT %s) RETURNING 1)"
+                " SELECT count(*) FROM gone",
+                (before, limit), log_params={"before": iso_utc(before), "limit": limit},
+            )  # fmt: skip
+            row = await cursor.fetchone()
+            return int(row[0]) if row else 0
+
+        return await self.run(delete, name="prune_error_events")
+
+
+#: Keys of each event `Store.insert_error_events` takes, as its columns in ``error_events``.
+ERROR_EVENT_COLUMNS = (
+    "event_id", "at", "trace_id", "category", "code", "status", "message", "endpoint",
+    "method", "transport", "device_type", "user_agent", "user_id",
+)  # fmt: skip
+#: One multi-row insert per batch; repeats (same event_id) are skipped.
+_INSERT_ERROR_EVENTS_SQL = """
+INSERT INTO error_events (event_id, at, trace_id, category, code, status, message, endpoint,
+                          method, transport, device_type, user_agent, user_id)
+SELECT * FROM unnest(%(event_id)s::uuid[], %(at)s::timestamptz[], %(trace_id)s::text[],
+                     %(category)s::text[], %(code)s::text[], %(status)s::smallint[],
+                     %(message)s::text[], %(endpoint)s::text[], %(method)s::text[],
+                     %(transport)s::text[], %(device_type)s::text[], %(user_agent)s::text[],
+                     %(user_id)s::text[])
+ON CONFLICT (event_id) DO NOTHING
+RETURNING id
+"""
 
 
 async def migrate(dsn: str, folder: Path = MIGRATIONS_DIR, *, timeout: float = 30.0) -> list[str]:

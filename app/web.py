@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import secrets
 import signal
@@ -37,14 +38,17 @@ from actors.hub import (
 from actors.redis_bridge import Outgoing, PresenceChanged, RedisBridge
 from actors.room_writer import DrainTick, Outlet, RoomWriter, StopAccepting
 from actors.supervisor import Supervisor
-from app import api, health, keys, metrics, pages, ws
+from app import admin, api, dashboard, health, keys, metrics, pages, ws
+from app.analytics import ErrorRecorder
 from app.auth import Authenticator
 from app.config import Settings
 from app.crypto import parse_keys
+from app.diagnostics import SNAPSHOT_COLLECTOR, Sampler, take_snapshot
 from app.directory import RoomDirectory
 from app.errors import MailboxFull
 from app.log import get_logger, install_loop_exception_handler
 from app.looplag import LoopLag
+from app.maintenance import MAINTENANCE_FILE, Maintenance
 from app.middleware import trace_middleware
 from app.ratelimit import LOCAL_ONLY, KeyedBuckets, SharedLimiter
 from app.resilience import Backoff
@@ -185,16 +189,22 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
     app[keys.OUTLET] = Outlet()
     app[keys.STATUS_TOPICS] = frozenset(source.name for source in settings.sources())
     app[keys.USER_PUBLISH_BUCKETS] = KeyedBuckets(settings.user_pub_rate, settings.user_pub_burst)
+    app[keys.MAINTENANCE] = Maintenance(Path(settings.spool_dir) / MAINTENANCE_FILE)
+    app[keys.ERRORS] = ErrorRecorder()
+    app[keys.SAMPLER] = Sampler(app)
     app.add_routes(health.routes)
     app.add_routes(api.routes)
+    app.add_routes(admin.routes)
     app.add_routes(ws.routes)
     app.add_routes(pages.routes)
     app.router.add_get("/metrics", server_stats)
+    app.add_subapp("/dashboard", dashboard.create_dashboard(app))
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES_DIR))
     app.cleanup_ctx.append(_loop_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_supervisor_ctx(actors))
+    app.cleanup_ctx.append(_sampler_ctx)
     app.on_shutdown.append(_begin_draining)
     return app
 
@@ -230,7 +240,10 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     rooms = await asyncio.to_thread(app[keys.DIRECTORY].load_snapshot)
     if rooms:
         log.bind(rooms=rooms).info("room directory seeded from its snapshot")
+    recorder = app[keys.ERRORS]
+    recorder.start(store)
     yield
+    await recorder.stop()
     await store.close()
 
 
@@ -279,6 +292,17 @@ def _supervisor_ctx(actors: ActorFactory):
         log.info("supervisor stopped")
 
     return supervisor_ctx
+
+
+async def _sampler_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Rates and alerts every second, and the snapshot's Prometheus families."""
+    sampler = app[keys.SAMPLER]
+    sampler.start()
+    source = SNAPSHOT_COLLECTOR.source = functools.partial(take_snapshot, app)
+    yield
+    if SNAPSHOT_COLLECTOR.source is source:
+        SNAPSHOT_COLLECTOR.source = None
+    sampler.stop()
 
 
 async def _begin_draining(app: web.Application) -> None:

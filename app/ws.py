@@ -24,10 +24,12 @@ from actors.hub import (
 from actors.redis_bridge import OnlineUsers
 from actors.room_writer import Publish, RoomWriter, shard_of
 from app import keys, metrics
+from app.analytics import record_error
 from app.connection import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, Connection, Limits, Reply
 from app.directory import Member
 from app.errors import (
     AppError,
+    AtCapacity,
     AuthFailed,
     AuthRequired,
     NotFound,
@@ -38,6 +40,7 @@ from app.errors import (
     ValidationError,
     log_error,
 )
+from app.host import connection_limit
 from app.log import get_logger, trace_context
 from app.models import Message
 from app.protocol import (
@@ -97,7 +100,7 @@ class Session:
         "app", "connection", "hub", "writers", "store", "directory", "status_topics",
         "authenticated", "auth_failures", "publish_bucket", "user_buckets",
         "max_content_length", "deadline", "repairs", "requests", "closing", "auth_deadline",
-        "authenticating",
+        "authenticating", "user_agent",
     )  # fmt: skip
 
     def __init__(self, app: web.Application, connection: Connection) -> None:
@@ -131,6 +134,8 @@ class Session:
         self.authenticating = False
         #: Set once the client left: no new repair starts.
         self.closing = False
+        #: The upgrade request's User-Agent, for the error events of this client.
+        self.user_agent: str | None = None
         connection.on_gap = self.repair_gap
 
     def reply_error(self, exc: BaseException, request_id: str | None) -> None:
@@ -138,11 +143,15 @@ class Session:
         self._log_error(exc)
         Reply(self.connection, request_id).send_error(exc)
 
-    def _log_error(self, exc: BaseException) -> None:
+    def _log_error(self, exc: BaseException, op: str | None = None) -> None:
         count_error(exc)
         log_error(
             exc, component="ws", client_id=self.connection.id, user_id=self.connection.user_id
         )
+        record_error(
+            self.app.get(keys.ERRORS), exc, transport="ws", endpoint=f"ws:{op}" if op else "ws",
+            user_agent=self.user_agent, user_id=self.connection.user_id,
+        )  # fmt: skip
 
     async def receive(self, text: str) -> None:
         """Take one text frame: ``auth`` and anything before it are served in turn, the
@@ -188,7 +197,7 @@ class Session:
                 if isinstance(exc, TimeoutError) and not isinstance(exc, AppError):
                     exc = RequestTimeout(f"{request.op} took longer than {self.deadline}s")
                 if reply.claim():
-                    self._log_error(exc)
+                    self._log_error(exc, request.op)
                     reply.send_error(exc)
                 else:
                     log.bind(client_id=self.connection.id, error=type(exc).__name__).info(
@@ -433,6 +442,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         raise web.HTTPForbidden(text="origin not allowed")
     if app[keys.DRAINING]["draining"]:
         raise web.HTTPServiceUnavailable(text="server shutting down", headers={"Retry-After": "5"})
+    limit = connection_limit(settings)
+    if len(app[keys.WEBSOCKETS]) >= limit:
+        log.bind(limit=limit).warning("connection limit reached; upgrade refused")
+        raise AtCapacity(f"{limit} connections", retry_after=5)
     ws = web.WebSocketResponse(
         compress=settings.ws_compress,
         # aiohttp refuses a frame of exactly max_msg_size; the limit is inclusive for us.
@@ -457,6 +470,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         ),
     )
     session = Session(app, connection)
+    session.user_agent = request.headers.get("User-Agent")
     sockets = app[keys.WEBSOCKETS]
     session.auth_deadline = asyncio.get_running_loop().call_later(
         settings.auth_timeout, _auth_timeout, session

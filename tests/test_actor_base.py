@@ -304,6 +304,7 @@ async def test_status_snapshot(running) -> None:
         "name": "recorder",
         "state": "running",
         "restarts": 2,
+        "operator_restarts": 0,
         "last_error": {"type": "Denied", "message": "DENIED"},
         "mailbox": {"depth": 0, "peak": 1, "capacity": 1000, "rejections": 0},
         "processed": 1,

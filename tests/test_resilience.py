@@ -288,6 +288,31 @@ async def test_late_success_does_not_close_reopened_breaker(
     assert breaker.state is OPEN
 
 
+async def test_reset_closes_an_open_breaker_and_ignores_calls_from_before(
+    clock: FakeClock, upstream: Upstream
+) -> None:
+    """reset() closes an open breaker at once, so the next call reaches the upstream; a slow call from before the reset cannot count against the fresh breaker."""
+    changes: list[Any] = []
+    breaker = make_breaker(clock, changes, failure_threshold=1)
+    slow = Upstream()
+    slow.gate = asyncio.Event()
+    slow.error = ConnectionError("late")
+    in_flight = asyncio.create_task(breaker.call(slow))
+    await asyncio.sleep(0)
+    await fail_times(breaker, upstream, 1)
+    assert breaker.state is OPEN
+
+    breaker.reset()
+
+    assert breaker.state is CLOSED and breaker.open_remaining == 0
+    assert await breaker.call(upstream) == "ok"
+    slow.gate.set()
+    with pytest.raises(ConnectionError):
+        await in_flight
+    assert breaker.state is CLOSED and breaker.consecutive_failures == 0
+    assert [change[1:] for change in changes] == [(CLOSED, OPEN), (OPEN, CLOSED)]
+
+
 async def test_probe_success_closes_before_open_period_ends(
     clock: FakeClock, upstream: Upstream
 ) -> None:

@@ -276,6 +276,44 @@ async def test_failed_actor_recovers_after_running_stably(supervise, sleep, cloc
     assert worker.state is ActorState.RUNNING, "the intensity window starts afresh"
 
 
+async def test_an_operators_restart_runs_a_new_incarnation_at_once(
+    supervise, sleep, records
+) -> None:
+    """restart() stops a running actor (on_stop runs) and starts it again with no backoff delay; it counts as a restart, records no error and is logged as an operator's."""
+    journal: list[str] = []
+    worker = Worker("hub", journal)
+    supervisor = supervise([worker])
+    await supervisor.start()
+    assert supervisor.restart("hub") is True
+    await eventually(lambda: worker.restarts == 1 and worker.ready.is_set())
+    assert journal == ["start hub", "stop hub", "start hub"]
+    assert sleep.delays == [] and worker.last_error is None
+    assert worker.state is ActorState.RUNNING and supervisor.ready
+    [line] = logged(records, "Actor restarted by an operator")
+    assert line["extra"]["actor"] == "hub"
+    with pytest.raises(KeyError):
+        supervisor.restart("nobody")
+
+
+async def test_an_operators_restart_cuts_a_failed_actors_delay_short(
+    supervise, sleep, clock
+) -> None:
+    """A failed actor waiting out the maximum delay starts at once when restarted, with its intensity forgiven, and runs once its cause is fixed."""
+    worker = Worker("redis")
+    worker.broken = True
+    supervisor = supervise([worker], intensity=1)
+    await supervisor.start()
+    await eventually(lambda: worker.state is ActorState.FAILED)
+    sleep.gate = asyncio.Event()  # from now on a restart delay lasts until the test opens it
+    waits = len(sleep.delays)
+    await eventually(lambda: len(sleep.delays) > waits)
+    assert sleep.delays[-1] == 30 and worker.state is ActorState.FAILED
+    worker.broken = False
+    assert supervisor.restart("redis") is True
+    await eventually(lambda: worker.ready.is_set())
+    assert worker.state is ActorState.RUNNING and supervisor.ready
+
+
 async def test_starts_in_order_and_stops_in_reverse(supervise) -> None:
     """Children start in list order, each after the previous is ready, and stop in reverse."""
     journal: list[str] = []

@@ -23,7 +23,11 @@ async def test_live_and_ready_probes(make_hearth):
         body = await response.json()
         assert response.status == 200, body
         assert body["status"] == "ready" and body["reasons"] == []
-        assert body["checks"] == {"database": "connected", "redis": "disabled"}
+        assert body["checks"] == {
+            "database": "connected",
+            "redis": "disabled",
+            "maintenance": False,
+        }
 
 
 async def test_failed_actor_makes_readiness_503_and_the_process_lives_on(make_hearth):
