@@ -23,7 +23,6 @@ from app import __version__, keys, metrics
 from app.alerts import (
     ACTOR_RESTART_LOOP_RANGE,
     ACTOR_RESTART_LOOP_RESTARTS,
-    SLOW_QUERY_SECONDS,
     Alert,
     AlertRules,
     Sample,
@@ -427,20 +426,6 @@ def counter_total(counter: Any, where: Callable[[dict[str, str]], bool] | None =
     return total
 
 
-def slow_statements() -> int:
-    """Statements that took longer than the slow-query alert's threshold, so far."""
-    slow = 0.0
-    for family in metrics.DB_QUERY_SECONDS.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_count"):
-                slow += sample.value
-            elif (
-                sample.name.endswith("_bucket") and float(sample.labels["le"]) == SLOW_QUERY_SECONDS
-            ):
-                slow -= sample.value
-    return int(slow)
-
-
 @dataclass(slots=True)
 class _Totals:
     at: float
@@ -542,7 +527,7 @@ class Sampler:
             server_errors=int(totals.server_errors),
             database_state=snapshot.database.state if snapshot.database else "unknown",
             redis_state=snapshot.redis.state,
-            slow_queries=slow_statements(),
+            slow_queries=int(counter_total(metrics.DB_SLOW_STATEMENTS)),
             memory_used_share=snapshot.host.memory_used_share,
             disk_free_share=snapshot.host.disk_free_share,
             connections=snapshot.connections,

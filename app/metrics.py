@@ -11,6 +11,11 @@ from prometheus_client import Counter, Gauge, Histogram
 DB_QUERY_SECONDS = Histogram(
     "hearth_db_query_seconds", "SQL statement latency.", ["operation", "table"]
 )
+#: SQL statements slower than the slow_query alert's threshold (app/alerts.py, 5 s); the
+#: in-process rule reads this rather than walking the histogram's buckets every second.
+DB_SLOW_STATEMENTS = Counter(
+    "hearth_db_slow_statements_total", "SQL statements slower than 5 s (finished or failed)."
+)
 #: SQL statements that raised, by operation and table.
 DB_QUERY_ERRORS = Counter(
     "hearth_db_query_errors_total", "SQL statements that failed.", ["operation", "table"]

@@ -18,6 +18,7 @@ import psycopg2.extensions
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE, QueryCanceledError
 
 from app import metrics
+from app.alerts import SLOW_QUERY_SECONDS
 from app.crypto import DecryptError, MessageCipher
 from app.errors import (
     RETRYABLE_PGCODES,
@@ -268,6 +269,8 @@ class Cursor:
         finally:
             elapsed = time.perf_counter() - started
             metrics.DB_QUERY_SECONDS.labels(operation, table).observe(elapsed)
+            if elapsed >= SLOW_QUERY_SECONDS:
+                metrics.DB_SLOW_STATEMENTS.inc()
         if elapsed * 1000 >= self._store.slow_query_ms:
             log.bind(
                 operation=operation, table=table, params=log_params,

@@ -345,3 +345,20 @@ async def test_crashes_make_a_restart_loop_alert_and_operator_restarts_do_not(ma
     sampler.sample()
     [alert] = sampler.alerts
     assert alert.name == "actor_restart_loop" and "heartbeat" in alert.summary
+
+
+async def test_a_statement_slower_than_5_s_raises_the_slow_query_alert(make_hearth):
+    """A real 5.2 s statement is counted in hearth_db_slow_statements_total and the next sample fires slow_query; quick ones never do."""
+    hearth = await make_hearth(HEARTH_DB_TIMEOUT="8")
+    sampler = hearth.app[keys.SAMPLER]
+    store = hearth.app[keys.STORE]
+
+    async def sleep_in_postgres(cursor) -> None:
+        await cursor.execute("select", "-", "SELECT pg_sleep(5.2)")
+
+    sampler.sample()
+    assert "slow_query" not in {alert.name for alert in sampler.alerts}
+    await store.run(sleep_in_postgres, name="test_slow")
+    sampler.sample()
+    [alert] = [alert for alert in sampler.alerts if alert.name == "slow_query"]
+    assert alert.severity == "warning"
