@@ -21,9 +21,10 @@ from aiohttp import hdrs, web
 from app import admin, keys
 from app.api import client_address
 from app.auth import User
-from app.diagnostics import RATE_POINTS, take_snapshot
+from app.diagnostics import take_snapshot
 from app.errors import AppError, AuthFailed, AuthRequired, Forbidden, RateLimited, log_error
 from app.log import get_logger, trace_id_var
+from app.vitals import RATE_POINTS
 
 log = get_logger("dashboard")
 

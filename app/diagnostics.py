@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from app.alerts import (
 from app.host import connection_limit, disk_space, host_memory, rss_bytes
 from app.log import get_logger, iso_utc
 from app.maintenance import MaintenanceState
+from app.vitals import RatePoint, Vitals
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -42,8 +43,6 @@ MAX_LOOP_LAG = 2.0
 HUNG_PING = 1.0
 #: Seconds between samples of the rates and the alert rules.
 SAMPLE_INTERVAL = 1.0
-#: Rate points kept for the dashboard's charts: two minutes at one a second.
-RATE_POINTS = 120
 #: Recent errors a snapshot carries.
 RECENT_ERRORS = 20
 #: Actor states that keep the instance from being ready.
@@ -135,25 +134,6 @@ class FeedStatus:
     last_success: str | None
     open_remaining_seconds: float
     consecutive_failures: int
-
-
-@dataclass(frozen=True, slots=True)
-class RatePoint:
-    """One second of traffic, for the dashboard's charts."""
-
-    #: Unix time of the sample.
-    at: float
-    connections: int
-    #: Publishes taken in, per second.
-    messages_in: float
-    #: Messages leaving through the outlet, per second.
-    messages_out: float
-    #: Frames routed to clients, per second.
-    deliveries: float
-    #: Requests answered (both transports), per second.
-    requests: float
-    #: Of those, answered with a server error, per second.
-    server_errors: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +231,7 @@ def take_snapshot(app: web.Application) -> Diagnostics:
         status = "unhealthy"
     else:
         status = "degraded" if degraded else "healthy"
-    sampler = app.get(keys.SAMPLER)
+    vitals = app.get(keys.VITALS)
     disk = disk_space(settings.spool_dir)
     memory = host_memory()
     return Diagnostics(
@@ -280,8 +260,8 @@ def take_snapshot(app: web.Application) -> Diagnostics:
             disk_free_bytes=None if disk is None else disk.free,
             loop_lag_ms=None if lag is None else round(lag * 1000, 2),
         ),
-        rates=tuple(sampler.rates) if sampler is not None else (),
-        alerts=sampler.alerts if sampler is not None else (),
+        rates=tuple(vitals.rates) if vitals is not None else (),
+        alerts=vitals.alerts if vitals is not None else (),
         errors=_errors(app),
     )
 
@@ -449,25 +429,35 @@ def _read_totals(at: float) -> _Totals:
     )
 
 
-@dataclass
 class Sampler:
     """Every `SAMPLE_INTERVAL` seconds: one rate point for the charts and one pass of the
-    alert rules, logging each alert as it starts and ends.
+    alert rules into *vitals* (default: the app's), logging each alert as it starts and
+    ends.
 
     A loop timer, not a task: a sample is a few counter reads and no I/O. *app* is read
     through `take_snapshot`; *clock* is monotonic seconds.
     """
 
-    app: web.Application
-    clock: Callable[[], float] = time.monotonic
-    #: The last `RATE_POINTS` seconds of traffic.
-    rates: deque[RatePoint] = field(default_factory=lambda: deque(maxlen=RATE_POINTS))
-    #: Alerts firing as of the last sample.
-    alerts: tuple[Alert, ...] = ()
-    rules: AlertRules = field(default_factory=AlertRules)
-    _previous: _Totals | None = None
-    _restarts: deque[tuple[float, dict[str, int]]] = field(default_factory=deque)
-    _handle: Any = None
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        vitals: Vitals | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.app = app
+        #: Where the rate points and the alerts go; the snapshot reads the app's.
+        self.vitals = app[keys.VITALS] if vitals is None else vitals
+        self.clock = clock
+        self.rules = AlertRules()
+        self._previous: _Totals | None = None
+        self._restarts: deque[tuple[float, dict[str, int]]] = deque()
+        self._handle: asyncio.TimerHandle | None = None
+
+    @property
+    def alerts(self) -> tuple[Alert, ...]:
+        """Alerts firing as of the last sample."""
+        return self.vitals.alerts
 
     def start(self) -> None:
         """Arm the timer on the running loop."""
@@ -505,7 +495,7 @@ class Sampler:
                 change = getattr(totals, name) - getattr(previous, name)
                 return round(max(0.0, change) / elapsed, 2)
 
-            self.rates.append(
+            self.vitals.rates.append(
                 RatePoint(
                     at=round(time.time(), 3),
                     connections=snapshot.connections,
@@ -517,8 +507,8 @@ class Sampler:
                 )
             )
         alerts = self.rules.observe(self._alert_sample(now, snapshot, totals))
-        self._log_changes(self.alerts, alerts)
-        self.alerts = alerts
+        self._log_changes(self.vitals.alerts, alerts)
+        self.vitals.alerts = alerts
 
     def _alert_sample(self, now: float, snapshot: Diagnostics, totals: _Totals) -> Sample:
         return Sample(

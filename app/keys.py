@@ -17,13 +17,13 @@ if TYPE_CHECKING:
     from app.analytics import ErrorRecorder
     from app.auth import Authenticator
     from app.config import Settings
-    from app.diagnostics import Sampler
     from app.directory import RoomDirectory
     from app.looplag import LoopLag
     from app.maintenance import Maintenance
     from app.ratelimit import KeyedBuckets, SharedLimiter
     from app.spool import Spool
     from app.store import Store
+    from app.vitals import Vitals
 
 #: The settings the app was built with.
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -66,8 +66,9 @@ LIMITER: web.AppKey[SharedLimiter] = web.AppKey("limiter")
 ERRORS: web.AppKey[ErrorRecorder] = web.AppKey("errors")
 #: Maintenance mode: readiness answers 503 while it is on (see app/maintenance.py).
 MAINTENANCE: web.AppKey[Maintenance] = web.AppKey("maintenance")
-#: Samples rates and evaluates alerts every second; the diagnostics snapshot reads it.
-SAMPLER: web.AppKey[Sampler] = web.AppKey("sampler")
+#: The last two minutes of traffic and the alerts firing, written by the diagnostics
+#: sampler every second; the snapshot reads them.
+VITALS: web.AppKey[Vitals] = web.AppKey("vitals")
 #: The dashboard sub-app's parent: the main app, whose snapshot it shows and whose actions
 #: it calls.
 DASHBOARD_PARENT: web.AppKey[web.Application] = web.AppKey("dashboard_parent")

@@ -54,6 +54,7 @@ from app.ratelimit import LOCAL_ONLY, KeyedBuckets, SharedLimiter
 from app.resilience import Backoff
 from app.spool import SPOOL_FILE, Spool
 from app.store import Store
+from app.vitals import Vitals
 
 log = get_logger("web")
 
@@ -191,7 +192,7 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
     app[keys.USER_PUBLISH_BUCKETS] = KeyedBuckets(settings.user_pub_rate, settings.user_pub_burst)
     app[keys.MAINTENANCE] = Maintenance(Path(settings.spool_dir) / MAINTENANCE_FILE)
     app[keys.ERRORS] = ErrorRecorder()
-    app[keys.SAMPLER] = Sampler(app)
+    app[keys.VITALS] = Vitals()
     app.add_routes(health.routes)
     app.add_routes(api.routes)
     app.add_routes(admin.routes)
@@ -296,7 +297,7 @@ def _supervisor_ctx(actors: ActorFactory):
 
 async def _sampler_ctx(app: web.Application) -> AsyncIterator[None]:
     """Rates and alerts every second, and the snapshot's Prometheus families."""
-    sampler = app[keys.SAMPLER]
+    sampler = Sampler(app)
     sampler.start()
     source = SNAPSHOT_COLLECTOR.source = functools.partial(take_snapshot, app)
     yield

@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import keys
 from app.demo_upstream import create_demo_app
+from app.diagnostics import Sampler
+from app.vitals import Vitals
 from tests.conftest import hung, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,7 +277,7 @@ async def test_metrics_parse_and_carry_every_listed_family(make_hearth, upstream
 async def test_sampler_keeps_rates_and_raises_the_dead_letter_alert(make_hearth):
     """After traffic the sampler's rate points show it; a real dead letter in the spool fires the dead_letters alert in the snapshot, in /metrics and in the log."""
     hearth = await make_hearth()
-    sampler = hearth.app[keys.SAMPLER]
+    vitals = hearth.app[keys.VITALS]
     client = await hearth.connect("alice")
     await client.request("sub", topic="room:lobby")
     for index in range(5):
@@ -284,7 +286,7 @@ async def test_sampler_keeps_rates_and_raises_the_dead_letter_alert(make_hearth)
         )
         assert reply["code"] == 200, reply
     await wait_until(
-        lambda: any(point.messages_in > 0 and point.deliveries > 0 for point in sampler.rates),
+        lambda: any(point.messages_in > 0 and point.deliveries > 0 for point in vitals.rates),
         5,
         "a rate point with traffic",
     )
@@ -292,7 +294,7 @@ async def test_sampler_keeps_rates_and_raises_the_dead_letter_alert(make_hearth)
     entry = await spool.append({"id": "dead-1", "room": "lobby", "sender": "x", "content": "?"})
     await spool.dead_letter(entry, "test")
     await wait_until(
-        lambda: any(alert.name == "dead_letters" for alert in sampler.alerts), 5, "the alert"
+        lambda: any(alert.name == "dead_letters" for alert in vitals.alerts), 5, "the alert"
     )
     status, snapshot = await call(hearth, "GET", "api/v1/diagnostics")
     assert status == 200
@@ -327,7 +329,7 @@ async def test_draining_turns_readiness_503_while_liveness_stays_200(make_hearth
 async def test_crashes_make_a_restart_loop_alert_and_operator_restarts_do_not(make_hearth):
     """Three operator restarts of an actor raise no alert; three crashes within five minutes raise actor_restart_loop naming it."""
     hearth = await make_hearth(HEARTH_RESTART_INITIAL="0.01", HEARTH_RESTART_MAX="0.05")
-    sampler = hearth.app[keys.SAMPLER]
+    sampler = Sampler(hearth.app, vitals=Vitals())  # its own history, apart from the app's
     heartbeat = hearth.app[keys.SUPERVISOR].get("heartbeat")
     sampler.sample()
     for count in range(1, 4):
@@ -350,7 +352,7 @@ async def test_crashes_make_a_restart_loop_alert_and_operator_restarts_do_not(ma
 async def test_a_statement_slower_than_5_s_raises_the_slow_query_alert(make_hearth):
     """A real 5.2 s statement is counted in hearth_db_slow_statements_total and the next sample fires slow_query; quick ones never do."""
     hearth = await make_hearth(HEARTH_DB_TIMEOUT="8")
-    sampler = hearth.app[keys.SAMPLER]
+    sampler = Sampler(hearth.app, vitals=Vitals())  # its own history, apart from the app's
     store = hearth.app[keys.STORE]
 
     async def sleep_in_postgres(cursor) -> None:
