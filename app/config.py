@@ -239,6 +239,19 @@ class Settings:
     send_timeout: float = setting(
         "HEARTH_SEND_TIMEOUT", 5.0, "Deadline of each send to a client.", minimum=0.01
     )
+    sse_resume: float = setting(
+        "HEARTH_SSE_RESUME",
+        60.0,
+        "Seconds after an event stream (GET /sse) dropped during which its ticket may resume "
+        "it with Last-Event-ID.",
+        minimum=0,
+    )
+    sse_keepalive: float = setting(
+        "HEARTH_SSE_KEEPALIVE",
+        15.0,
+        "Seconds between keep-alive comments on an event stream, so proxies keep it open.",
+        minimum=0.05,
+    )
     pub_rate: float = setting(
         "HEARTH_PUB_RATE", 10.0, "Publishes per second allowed per connection.", minimum=0.01
     )

@@ -38,16 +38,29 @@ class Reply:
     """The one ctrl frame answering request *request_id* of *connection*.
 
     Whoever :meth:`claim` s it first answers it: a session that gave up waiting and an
-    actor that got to the request after all can never both reply.
+    actor that got to the request after all can never both reply. The ctrl goes to the
+    connection's backlog, or to *deliver* when given (an HTTP request's response, for a
+    request that came by ``POST /api/v1/rpc``); *transport* labels its count in
+    ``hearth_requests_total``.
     """
 
-    __slots__ = ("connection", "request_id", "claimed")
+    __slots__ = ("connection", "request_id", "claimed", "deliver", "transport")
 
-    def __init__(self, connection: Connection, request_id: str | None) -> None:
+    def __init__(
+        self,
+        connection: Connection,
+        request_id: str | None,
+        *,
+        deliver: Callable[[dict[str, Any]], None] | None = None,
+        transport: str = "ws",
+    ) -> None:
         self.connection = connection
         self.request_id = request_id
         #: Set by the first :meth:`claim`.
         self.claimed = False
+        #: Takes the ctrl frame instead of the connection, when set.
+        self.deliver = deliver
+        self.transport = transport
 
     def claim(self) -> bool:
         """Take the right to answer; False when someone already took it."""
@@ -65,20 +78,36 @@ class Reply:
 
     def send(self, code: int, text: str, params: dict[str, Any] | None = None) -> None:
         """Queue the ctrl reply; only its claimer calls this."""
-        metrics.count_request("ws", code)
-        self.connection.offer(encode(ctrl_frame(self.request_id, code, text, params)))
+        count_reply(self.transport, code)
+        self._out(ctrl_frame(self.request_id, code, text, params))
 
     def send_error(self, exc: BaseException) -> None:
         """Queue *exc* rendered safely as the reply; only its claimer calls this."""
-        metrics.count_request("ws", exc.status if isinstance(exc, AppError) else 500)
-        self.connection.offer(encode(render_error(exc, self.request_id)))
+        count_reply(self.transport, exc.status if isinstance(exc, AppError) else 500)
+        self._out(render_error(exc, self.request_id))
+
+    def _out(self, frame: dict[str, Any]) -> None:
+        if self.deliver is None:
+            self.connection.offer(encode(frame))
+        else:
+            self.deliver(frame)
+
+
+def count_reply(transport: str, status: int) -> None:
+    """Count one ctrl reply of *transport* (``ws``, or ``sse`` for ``POST /api/v1/rpc``)
+    answered with *status* in ``hearth_requests_total``."""
+    if transport == "ws":
+        metrics.count_request("ws", status)
+    elif 200 <= status < 600:
+        metrics.REQUESTS.labels(transport, f"{status // 100}xx").inc()
 
 
 class Connection:
-    """One WebSocket client as the hub sees it, with no aiohttp in sight.
+    """One client as the hub sees it, with no aiohttp in sight, whatever its transport.
 
     *send* writes one text frame and *close* closes with a code and reason; the WebSocket
-    handler passes the socket's own. Every outbound frame goes through `offer` or
+    handler passes the socket's own, the event stream (app/sse.py) writes one event each
+    and ends the stream. Every outbound frame goes through `offer` or
     `offer_latest`, so replies and data keep their order and the bounds hold.
 
     With *transport* (the socket's, uncompressed), a frame offered while nothing is queued,

@@ -31,6 +31,7 @@ from app.host import connection_limit, disk_space, host_memory, rss_bytes
 from app.log import get_logger, iso_utc
 from app.maintenance import MaintenanceState
 from app.vitals import RatePoint, Vitals
+from app.ws import open_clients
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -251,7 +252,7 @@ def take_snapshot(app: web.Application) -> Diagnostics:
         redis=redis,
         spool=_spool(app),
         feeds=feeds,
-        connections=len(app[keys.WEBSOCKETS]),
+        connections=open_clients(app),
         connection_limit=connection_limit(settings),
         host=HostStatus(
             rss_bytes=rss_bytes(),

@@ -35,6 +35,9 @@ SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor")
 DRAINING: web.AppKey[dict[str, bool]] = web.AppKey("draining")
 #: Open WebSockets, closed with GOING_AWAY on shutdown.
 WEBSOCKETS: web.AppKey[WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")
+#: Open event streams (``GET /sse``), counted with the WebSockets against
+#: HEARTH_MAX_CONNECTIONS.
+EVENT_STREAMS: web.AppKey[WeakSet[web.StreamResponse]] = web.AppKey("event_streams")
 #: Connections and subscriptions; outlives Hub restarts.
 REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
 #: Per-user publish token buckets, shared by all of a user's connections.

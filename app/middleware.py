@@ -25,6 +25,9 @@ UNMATCHED = "unmatched"
 #: lines log at DEBUG unless they fail.
 PROBE_ROUTES = frozenset({"/metrics", "/dashboard/snapshot.json"})
 PROBE_PREFIX = "/health/"
+#: The fallback transport's requests: counted in hearth_requests_total as ``sse`` by
+#: app/sse.py, so not again here.
+RPC_ROUTE = "/api/v1/rpc"
 #: Methods counted by name; any other is counted as ``other``, to bound label cardinality.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: Status of a request whose client went away before it was answered (nginx's convention).
@@ -153,7 +156,8 @@ async def trace_middleware(request: web.Request, handler):
         if not response.prepared:
             response.headers["X-Trace-ID"] = trace_id
             response.headers["X-Request-ID"] = trace_id
-        if status >= 400 and (error is not None or not is_probe(route)):
+        # /api/v1/rpc answers ctrls, counted and recorded by app/sse.py as transport sse.
+        if status >= 400 and (error is not None or not is_probe(route)) and route != RPC_ROUTE:
             # A probe's own 503 is its answer, polled every second: not an error event.
             record_error(
                 request.config_dict.get(keys.ERRORS),
@@ -174,7 +178,8 @@ def _finish(request: web.Request, route: str, status: int, elapsed: float) -> No
     upgraded = status == 101
     if not upgraded:
         metrics.HTTP_REQUEST_SECONDS.labels(route).observe(elapsed)
-        metrics.count_request("http", status)
+        if route != RPC_ROUTE:
+            metrics.count_request("http", status)
     if status >= 500:
         level = "WARNING"
     elif is_probe(route) and status < 400:

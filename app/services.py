@@ -468,12 +468,15 @@ def render_haproxy_config(
     server_ports: Sequence[int],
     stats_socket: Path,
     check_interval: str | None = None,
+    block_websocket: bool = False,
 ) -> str:
     """*template* (``deploy/haproxy.cfg``) pointed at this machine's processes.
 
     The frontend listens on 127.0.0.1:*port*, the runtime API on *stats_socket*, and the
     template's ``server`` lines become one per port of *server_ports*, each built like the
-    first; *check_interval* (HAProxy's syntax: ``500ms``) replaces every ``inter``.
+    first; *check_interval* (HAProxy's syntax: ``500ms``) replaces every ``inter``. With
+    *block_websocket* the frontend refuses every WebSocket upgrade with 403, as some
+    corporate proxies do (README.rst "Behind a proxy that blocks WebSocket").
     """
     rendered: list[str] = []
     found = {"bind": False, "stats": False, "server": False}
@@ -486,6 +489,9 @@ def render_haproxy_config(
         if words[:1] == ["bind"]:
             words[1] = f"127.0.0.1:{port}"
             found["bind"] = True
+            if block_websocket:
+                rendered.append(indent + " ".join(words))
+                words = ["http-request", "deny", "if", "{", "hdr(upgrade)", "-i", "websocket", "}"]
         elif words[:2] == ["stats", "socket"]:
             words[2] = str(stats_socket)
             found["stats"] = True
@@ -493,7 +499,7 @@ def render_haproxy_config(
             if not found["server"]:
                 rendered += [
                     indent + " ".join(["server", f"hearth{number}", f"127.0.0.1:{server_port}"]
-                                      + words[3:])
+                                      + _own_cookie(words[3:], f"hearth{number}"))
                     for number, server_port in enumerate(server_ports, 1)
                 ]  # fmt: skip
                 found["server"] = True
@@ -507,6 +513,14 @@ def render_haproxy_config(
     return "\n".join(rendered) + "\n"
 
 
+def _own_cookie(options: list[str], name: str) -> list[str]:
+    """A server line's *options* with its sticky ``cookie`` value set to *name*."""
+    options = list(options)
+    if "cookie" in options[:-1]:
+        options[options.index("cookie") + 1] = name
+    return options
+
+
 @dataclass
 class LocalHaproxy(_PidFileProcess):
     """HAProxy on 127.0.0.1:*port* in front of hearth on *server_ports*, its files in *folder*."""
@@ -516,6 +530,8 @@ class LocalHaproxy(_PidFileProcess):
     server_ports: Sequence[int]
     #: The health check interval, in HAProxy's syntax; None keeps the template's.
     check_interval: str | None = None
+    #: Refuse WebSocket upgrades (403), as a proxy that blocks WebSocket does.
+    block_websocket: bool = False
 
     @property
     def url(self) -> str:
@@ -550,6 +566,7 @@ class LocalHaproxy(_PidFileProcess):
                 server_ports=self.server_ports,
                 stats_socket=self.stats_socket,
                 check_interval=self.check_interval,
+                block_websocket=self.block_websocket,
             )
         )
         output = self.folder / "haproxy.out"

@@ -38,7 +38,7 @@ from actors.hub import (
 from actors.redis_bridge import Outgoing, PresenceChanged, RedisBridge
 from actors.room_writer import DrainTick, Outlet, RoomWriter, StopAccepting
 from actors.supervisor import Supervisor
-from app import admin, api, dashboard, health, keys, metrics, pages, ws
+from app import admin, api, dashboard, health, keys, metrics, pages, sse, ws
 from app.analytics import ErrorRecorder
 from app.auth import Authenticator
 from app.config import Settings
@@ -185,6 +185,7 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
     # The store only exists once _store_ctx ran, so the authenticator looks it up per use.
     app[keys.AUTH] = Authenticator.from_settings(lambda: app[keys.STORE], settings)
     app[keys.WEBSOCKETS] = weakref.WeakSet()
+    app[keys.EVENT_STREAMS] = weakref.WeakSet()
     app[keys.REGISTRY] = Registry()
     app[keys.DIRECTORY] = RoomDirectory(Path(settings.spool_dir) / "rooms.json")
     app[keys.OUTLET] = Outlet()
@@ -197,6 +198,7 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
     app.add_routes(api.routes)
     app.add_routes(admin.routes)
     app.add_routes(ws.routes)
+    app.add_routes(sse.routes)
     app.add_routes(pages.routes)
     app.router.add_get("/metrics", server_stats)
     app.add_subapp("/dashboard", dashboard.create_dashboard(app))
@@ -206,6 +208,7 @@ def create_app(settings: Settings, *, actors: ActorFactory = default_actors) -> 
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_supervisor_ctx(actors))
     app.cleanup_ctx.append(_sampler_ctx)
+    app.cleanup_ctx.append(sse.sse_ctx)
     app.on_shutdown.append(_begin_draining)
     return app
 

@@ -1,4 +1,4 @@
-"""The WebSocket endpoint: origin check, auth, frame parsing and one ctrl per request."""
+"""The WebSocket endpoint and the Session every transport serves requests through."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import functools
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 from yarl import URL
@@ -25,6 +26,8 @@ from actors.redis_bridge import OnlineUsers
 from actors.room_writer import Publish, RoomWriter, shard_of
 from app import keys, metrics
 from app.analytics import record_error
+from app.auth import User
+from app.config import Settings
 from app.connection import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, Connection, Limits, Reply
 from app.directory import Member
 from app.errors import (
@@ -86,9 +89,35 @@ def origin_allowed(request: web.Request, allowed: str) -> bool:
     return parsed.host is not None and parsed.authority == request.host
 
 
+def open_clients(app: web.Application) -> int:
+    """Clients connected to this process, on every transport (WebSockets and event streams)."""
+    return len(app[keys.WEBSOCKETS]) + len(app[keys.EVENT_STREAMS])
+
+
+def check_capacity(app: web.Application) -> None:
+    """Refuse a new client with `AtCapacity` (503) once `open_clients` reached the limit."""
+    limit = connection_limit(app[keys.SETTINGS])
+    if open_clients(app) >= limit:
+        log.bind(limit=limit).warning("connection limit reached; client refused")
+        raise AtCapacity(f"{limit} connections", retry_after=5)
+
+
+def client_limits(settings: Settings) -> Limits:
+    """The slow-client bounds of every client connection under *settings*."""
+    return Limits(
+        max_messages=settings.client_queue_messages,
+        max_bytes=settings.client_queue_bytes,
+        warn_ratio=settings.client_queue_warn_ratio,
+        send_timeout=settings.send_timeout,
+    )
+
+
 class Session:
     """One client's request loop: auth state, rate limits, and dispatch to the actors.
 
+    The same for every transport: a WebSocket's frames come through `receive`, a
+    ``POST /api/v1/rpc`` through `submit` with a `Reply` that answers the HTTP request;
+    *transport* (``ws`` or ``sse``) labels its counts and error events.
     Every request gets exactly one ctrl, within one deadline (the database timeout plus
     `REQUEST_MARGIN`). Reads a client needs (catch-up, history, gap repair) go to the
     store from here, after the access check against the in-memory room directory. The
@@ -100,10 +129,12 @@ class Session:
         "app", "connection", "hub", "writers", "store", "directory", "status_topics",
         "authenticated", "auth_failures", "publish_bucket", "user_buckets",
         "max_content_length", "deadline", "repairs", "requests", "closing", "auth_deadline",
-        "authenticating", "user_agent",
+        "authenticating", "user_agent", "transport",
     )  # fmt: skip
 
-    def __init__(self, app: web.Application, connection: Connection) -> None:
+    def __init__(
+        self, app: web.Application, connection: Connection, *, transport: str = "ws"
+    ) -> None:
         settings = app[keys.SETTINGS]
         supervisor = app[keys.SUPERVISOR]
         self.app = app
@@ -136,20 +167,25 @@ class Session:
         self.closing = False
         #: The upgrade request's User-Agent, for the error events of this client.
         self.user_agent: str | None = None
+        #: ``ws`` or ``sse``: the label of this client's counts and error events.
+        self.transport = transport
         connection.on_gap = self.repair_gap
 
     def reply_error(self, exc: BaseException, request_id: str | None) -> None:
         """Answer *request_id* with *exc* rendered safely, logging it at its level."""
         self._log_error(exc)
-        Reply(self.connection, request_id).send_error(exc)
+        Reply(self.connection, request_id, transport=self.transport).send_error(exc)
 
     def _log_error(self, exc: BaseException, op: str | None = None) -> None:
         count_error(exc)
         log_error(
-            exc, component="ws", client_id=self.connection.id, user_id=self.connection.user_id
-        )
+            exc, component=self.transport, client_id=self.connection.id,
+            user_id=self.connection.user_id,
+        )  # fmt: skip
+        transport = self.transport
         record_error(
-            self.app.get(keys.ERRORS), exc, transport="ws", endpoint=f"ws:{op}" if op else "ws",
+            self.app.get(keys.ERRORS), exc, transport=transport,
+            endpoint=f"{transport}:{op}" if op else transport,
             user_agent=self.user_agent, user_id=self.connection.user_id,
         )  # fmt: skip
 
@@ -169,14 +205,22 @@ class Session:
         if request.op == "auth" or not self.authenticated:
             await self.handle(request)
             return
+        await self.submit(request)
+
+    async def submit(self, request: Request, reply: Reply | None = None) -> asyncio.Task[None]:
+        """Start serving *request* beside the caller, once fewer than
+        `MAX_REQUESTS_IN_FLIGHT` of this session's are; returns its task, which the session
+        owns (`close` ends it). *reply* is as for `handle`.
+        """
         if self.requests is None:
             self.requests = set()
         requests = self.requests
         while len(requests) >= MAX_REQUESTS_IN_FLIGHT:
             await asyncio.wait(requests, return_when=asyncio.FIRST_COMPLETED)
-        task = asyncio.create_task(self.handle(request))
+        task = asyncio.create_task(self.handle(request, reply))
         requests.add(task)
         task.add_done_callback(self._request_done)
+        return task
 
     def _request_done(self, task: asyncio.Task[None]) -> None:
         if self.requests is not None:
@@ -184,10 +228,14 @@ class Session:
             if not self.requests:
                 self.requests = None  # an idle client keeps no empty set
 
-    async def handle(self, request: Request) -> None:
-        """Serve *request* with exactly one ctrl, within the session's deadline."""
+    async def handle(self, request: Request, reply: Reply | None = None) -> None:
+        """Serve *request* with exactly one ctrl, within the session's deadline.
+
+        The ctrl goes through *reply*, by default one onto this client's connection.
+        """
         with trace_context(request.trace_id):
-            reply = Reply(self.connection, request.id)
+            if reply is None:
+                reply = Reply(self.connection, request.id, transport=self.transport)
             try:
                 async with asyncio.timeout(self.deadline):
                     await self.dispatch(request, reply)
@@ -234,6 +282,11 @@ class Session:
             raise
         finally:
             self.authenticating = False
+        self.sign_in(user)
+        reply.answer(200, "ok", {"user": {"id": user.id, "username": user.username}})
+
+    def sign_in(self, user: User) -> None:
+        """Serve this client as *user* from now on (a transport that authenticated it)."""
         connection = self.connection
         connection.user_id, connection.username, connection.is_admin = (
             user.id,
@@ -245,7 +298,6 @@ class Session:
             self.auth_deadline.cancel()
             self.auth_deadline = None
         log.bind(client_id=connection.id, user_id=user.id).debug("client authenticated")
-        reply.answer(200, "ok", {"user": {"id": user.id, "username": user.username}})
 
     async def op_ping(self, request: Request, reply: Reply) -> None:
         """``ping``: answer pong."""
@@ -442,10 +494,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         raise web.HTTPForbidden(text="origin not allowed")
     if app[keys.DRAINING]["draining"]:
         raise web.HTTPServiceUnavailable(text="server shutting down", headers={"Retry-After": "5"})
-    limit = connection_limit(settings)
-    if len(app[keys.WEBSOCKETS]) >= limit:
-        log.bind(limit=limit).warning("connection limit reached; upgrade refused")
-        raise AtCapacity(f"{limit} connections", retry_after=5)
+    check_capacity(app)
     ws = web.WebSocketResponse(
         compress=settings.ws_compress,
         # aiohttp refuses a frame of exactly max_msg_size; the limit is inclusive for us.
@@ -462,29 +511,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         ws.close,
         # Direct writes bypass aiohttp's framing, so only when frames go uncompressed.
         transport=None if settings.ws_compress else request.transport,  # type: ignore[arg-type]
-        limits=Limits(
-            max_messages=settings.client_queue_messages,
-            max_bytes=settings.client_queue_bytes,
-            warn_ratio=settings.client_queue_warn_ratio,
-            send_timeout=settings.send_timeout,
-        ),
+        limits=client_limits(settings),
     )
     session = Session(app, connection)
     session.user_agent = request.headers.get("User-Agent")
-    sockets = app[keys.WEBSOCKETS]
     session.auth_deadline = asyncio.get_running_loop().call_later(
         settings.auth_timeout, _auth_timeout, session
     )
-    unexpected = False
-    try:
-        sockets.add(ws)
-        connection.start()
-        try:
-            session.hub.cast(Join(connection))
-        except AppError:
-            log.bind(client_id=connection.id).error("hub mailbox full; connection refused")
-            connection.shut(CLOSE_TRY_AGAIN_LATER, "server busy")
-            return ws
+
+    async def read() -> bool:
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 await session.receive(message.data)
@@ -495,10 +530,37 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 log.bind(client_id=connection.id, error=type(ws.exception()).__name__).warning(
                     "read error"
                 )
-                unexpected = True
-                break
-        if ws.close_code is None or ws.close_code == 1006:
-            unexpected = not connection.closed
+                return True
+        return (ws.close_code is None or ws.close_code == 1006) and not connection.closed
+
+    sockets = app[keys.WEBSOCKETS]
+    sockets.add(ws)
+    try:
+        await attend(session, read)
+    finally:
+        sockets.discard(ws)
+    return ws
+
+
+async def attend(session: Session, serve: Callable[[], Awaitable[bool]]) -> None:
+    """Run one client's connection from join to leave, whatever its transport.
+
+    Registers *session*'s connection with the hub, awaits *serve* (which reads the client
+    until it is gone and returns whether it went without a goodbye), then tells the hub it
+    left, ends the session's requests and repairs, and stops its writer. A hub too busy to
+    take the join closes the client with 1013 at once.
+    """
+    connection = session.connection
+    unexpected = False
+    try:
+        connection.start()
+        try:
+            session.hub.cast(Join(connection))
+        except AppError:
+            log.bind(client_id=connection.id).error("hub mailbox full; connection refused")
+            connection.shut(CLOSE_TRY_AGAIN_LATER, "server busy")
+            return
+        unexpected = await serve()
     except (ConnectionResetError, asyncio.CancelledError) as exc:
         unexpected = not connection.closed
         if isinstance(exc, asyncio.CancelledError):
@@ -506,14 +568,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     finally:
         if session.auth_deadline is not None:
             session.auth_deadline.cancel()
-        sockets.discard(ws)
         try:
             session.hub.cast(Leave(connection, unexpected=unexpected))
         except AppError as exc:
             log.bind(client_id=connection.id, error=exc.code).error("hub refused a leave")
         await session.close()
         await connection.closed_by_peer()
-    return ws
 
 
 def _auth_timeout(session: Session) -> None:
@@ -530,4 +590,7 @@ def _auth_timeout(session: Session) -> None:
     session.connection.shut(CLOSE_POLICY, "authentication timeout")
 
 
-__all__ = ["origin_allowed", "routes", "websocket", "Session"]
+__all__ = [
+    "Session", "attend", "check_capacity", "client_limits", "open_clients", "origin_allowed",
+    "routes", "websocket",
+]  # fmt: skip

@@ -1,5 +1,6 @@
 """``python -m bench``: fan-out and slow consumers of hearth (on asyncio and uvloop), the floor
-and socketio; durable publishes, presence, and fan-out across two instances of hearth.
+and socketio; hearth's fan-out to Server-Sent Events subscribers beside its WebSocket one;
+durable publishes, presence, and fan-out across two instances of hearth.
 
 Each server runs pinned to core 0 (hearth's PostgreSQL and Redis too), the load generator on
 core 1; for the durable scenario PostgreSQL moves to core 1, beside the load generator.
@@ -46,8 +47,11 @@ from bench.servers import (
 
 T = TypeVar("T")
 
-#: Every scenario, in the order they run; fan-out and idle are measured in one pass.
-SCENARIOS = ("fanout", "idle", "durable", "presence", "slow", "cross")
+#: Every scenario, in the order they run; fan-out and idle are measured in one pass, and
+#: sse right after them, for each N and hearth kind.
+SCENARIOS = ("fanout", "idle", "sse", "durable", "presence", "slow", "cross")
+#: The sse row's figures that are also given as a ratio to the WebSocket fan-out's.
+SSE_RATIO_KEYS = ("deliveries_per_s", "p99_ms", "cpu_us_per_delivery")
 #: The share of the slow-consumer scenario's subscribers that stop reading.
 STALLED_SHARE = 0.01
 
@@ -62,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="20 subscribers, users, slow- and cross-scenario subscribers, 2 s; durable 4"
-        " publishers on 2 rooms: a smoke test",
+        " publishers on 2 rooms; sse on the first hearth kind only: a smoke test",
     )
     parser.add_argument(
         "--subscribers", default="1000,5000", help="comma-separated N values (default 1000,5000)"
@@ -157,6 +161,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("the durable scenario runs on hearth only: add hearth to --servers")
     if "presence" in args.scenarios and not _hearth_kinds(args.servers):
         parser.error("the presence scenario runs on hearth only: add hearth to --servers")
+    if "sse" in args.scenarios and not _hearth_kinds(args.servers):
+        parser.error("the sse scenario runs on hearth only: add hearth to --servers")
+    # A smoke test needs the SSE path once: each hearth kind more costs a run (about 5 s).
+    args.sse_servers = _hearth_kinds(args.servers)[: 1 if args.quick else None]
     if "cross" in args.scenarios and "hearth" not in args.servers:
         parser.error("the cross scenario runs on hearth only: add hearth to --servers")
     return args
@@ -217,6 +225,25 @@ def render_table(rows: list[dict]) -> str:
              r["ratio_to_floor"]["cpu_us_per_delivery"], r["helper_cpu_us_per_delivery"],
              _gc_cell(r), f"{r['client_cpu_share']:.0%}")
             for r in fanout
+        ]  # fmt: skip
+        sections.append(_columns(head, body))
+    sse = [r for r in rows if r["scenario"] == "sse"]
+    if sse:
+        # One line per transport: hearth's WebSocket fan-out of the same N, then SSE with
+        # its ratios to it (x: SSE over WebSocket).
+        head = ("scenario", "N", "server", "transport", "deliv/s", "p50 ms", "p99 ms",
+                "max ms", "lost", "CPU us/deliv", "client CPU", "client us/deliv",
+                "x deliv/s", "x p99", "x CPU")  # fmt: skip
+        body = [
+            (r["scenario"], r["n"], r["server"], run["transport"], run["deliveries_per_s"],
+             run["p50_ms"], run["p99_ms"], run["max_ms"], run["lost"],
+             run["cpu_us_per_delivery"], f"{run['client_cpu_share']:.0%}",
+             run["client_cpu_us_per_delivery"], *ratios)
+            for r in sse
+            for run, ratios in (
+                (r["websocket"], (None,) * len(SSE_RATIO_KEYS)),
+                (r, tuple(r["ratio_to_websocket"][k] for k in SSE_RATIO_KEYS)),
+            )
         ]  # fmt: skip
         sections.append(_columns(head, body))
     idle = [r for r in rows if r["scenario"] == "idle"]
@@ -300,10 +327,15 @@ def run(args: argparse.Namespace) -> dict:
     pin(0, CLIENT_CORE)
     rows: list[dict] = []
     try:
-        if {"fanout", "idle"} & set(args.scenarios):
+        if {"fanout", "idle", "sse"} & set(args.scenarios):
             for n, rate in zip(args.subscribers, args.rates, strict=True):
                 for name in args.servers:
-                    rows += _fanout_and_idle(name, database, n, rate, args)
+                    websocket = None
+                    if {"fanout", "idle"} & set(args.scenarios):
+                        fanned, websocket = _fanout_and_idle(name, database, n, rate, args)
+                        rows += fanned
+                    if "sse" in args.scenarios and name in args.sse_servers:
+                        rows.append(_sse(name, database, n, rate, args, websocket))
         if "durable" in args.scenarios and database is not None:
             rows.append(_durable(database, args))
         if "presence" in args.scenarios and database is not None:
@@ -347,6 +379,7 @@ def run(args: argparse.Namespace) -> dict:
             "slow_send_buffer": SLOW_SEND_BUFFER,
             "cross_subscribers": args.cross_subscribers,
             "cross_rate": args.cross_rate,
+            "sse_servers": args.sse_servers,
         },
         "rows": rows,
     }
@@ -371,16 +404,62 @@ def _run_on(work: Coroutine[Any, Any, T], *servers: Server) -> T:
 
 def _fanout_and_idle(
     name: str, database: HearthDatabase | None, n: int, rate: float, args: argparse.Namespace
-) -> list[dict]:
+) -> tuple[list[dict], dict]:
+    """The rows of the fanout and idle scenarios asked for, and the run's figures in full."""
     _say(f"fanout N={n} server={name} rate={rate}/s")
-    server = make_server(name, database)
-    fanout, idle = _run_on(run_fanout(server, n, rate, args.duration, args.drain), server)
+    websocket = _websocket_fanout(name, database, n, rate, args)
     rows = []
     if "fanout" in args.scenarios:
-        rows.append({"scenario": "fanout", "n": n, "server": name, **fanout})
+        rows.append({"scenario": "fanout", "n": n, "server": name, **websocket["fanout"]})
     if "idle" in args.scenarios:
-        rows.append({"scenario": "idle", "n": n, "server": name, **idle})
-    return rows
+        rows.append({"scenario": "idle", "n": n, "server": name, **websocket["idle"]})
+    return rows, websocket
+
+
+def _websocket_fanout(
+    name: str, database: HearthDatabase | None, n: int, rate: float, args: argparse.Namespace
+) -> dict[str, dict]:
+    server = make_server(name, database)
+    fanout, idle = _run_on(run_fanout(server, n, rate, args.duration, args.drain), server)
+    return {"fanout": fanout, "idle": idle}
+
+
+def _sse(
+    name: str,
+    database: HearthDatabase | None,
+    n: int,
+    rate: float,
+    args: argparse.Namespace,
+    websocket: dict[str, dict] | None,
+) -> dict:
+    """hearth's fan-out to N SSE subscribers, beside its WebSocket fan-out of the same N.
+
+    *websocket* is that WebSocket run when the fanout or idle scenario made it; else it
+    runs here first. Each run has a fresh server, and the same publisher, rate and load.
+    """
+    if websocket is None:
+        _say(f"sse N={n} server={name} transport=websocket rate={rate}/s")
+        websocket = _websocket_fanout(name, database, n, rate, args)
+    _say(f"sse N={n} server={name} transport=sse rate={rate}/s")
+    server = make_server(name, database)
+    sse, idle = _run_on(
+        run_fanout(server, n, rate, args.duration, args.drain, transport="sse"), server
+    )
+    ws_fanout = websocket["fanout"]
+    return {
+        "scenario": "sse",
+        "n": n,
+        "server": name,
+        **sse,
+        "kb_per_connection": idle["kb_per_connection"],
+        "connect_s": idle["connect_s"],
+        "ratio_to_websocket": {k: _ratio(sse[k], ws_fanout[k]) for k in SSE_RATIO_KEYS},
+        "websocket": {
+            **ws_fanout,
+            "kb_per_connection": websocket["idle"]["kb_per_connection"],
+            "connect_s": websocket["idle"]["connect_s"],
+        },
+    }
 
 
 def _durable(database: HearthDatabase, args: argparse.Namespace) -> dict:

@@ -1,7 +1,7 @@
-"""The load generator: raw aiohttp WebSockets in one asyncio process on the client core.
+"""The load generator: raw aiohttp WebSockets (or hearth's SSE streams) in one asyncio process.
 
-A subscriber parses only what it must: it finds the publisher's embedded send time with a
-substring search, never decoding JSON.
+It runs on the client core. A subscriber parses only what it must: it finds the publisher's
+embedded send time with a substring search, never decoding JSON, on either transport.
 """
 
 from __future__ import annotations
@@ -25,12 +25,18 @@ from bench.servers import (
     GcRecord,
     Hearth,
     Server,
+    SseSubscriber,
     cpu_seconds,
     rss_kb,
 )
 
 #: Marks the send time in a payload; no other frame of any server contains it.
 STAMP = "~T="
+#: `STAMP` as it appears in the bytes of an event stream.
+STAMP_BYTES = STAMP.encode()
+#: How the fan-out's subscribers receive: a WebSocket each (every server), or a Server-Sent
+#: Events stream each with their subscription made over HTTP (hearth's fallback transport).
+TRANSPORTS = ("websocket", "sse")
 #: Publish content length in characters (the stamp included).
 CONTENT_LENGTH = 100
 #: How many handshakes run at once while connecting the subscribers.
@@ -166,9 +172,16 @@ class Receiver:
     expected: int = 0
     complete: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def deliver(self, sent_at: float) -> None:
+        """Count one delivery of a publish sent at monotonic time *sent_at*."""
+        now = time.monotonic()
+        self.latencies.append(now - sent_at)
+        self.last_delivery = now
+        if len(self.latencies) == self.expected:
+            self.complete.set()
+
 
 async def _subscribe(ws: aiohttp.ClientWebSocketResponse, receiver: Receiver) -> None:
-    latencies = receiver.latencies
     while True:
         msg = await ws.receive()
         if msg.type is not aiohttp.WSMsgType.TEXT:
@@ -179,12 +192,26 @@ async def _subscribe(ws: aiohttp.ClientWebSocketResponse, receiver: Receiver) ->
             if data == "2":  # Engine.IO ping
                 await ws.send_str("3")
             continue
-        now = time.monotonic()
         start = at + len(STAMP)
-        latencies.append(now - float(data[start : data.index(" ", start)]))
-        receiver.last_delivery = now
-        if len(latencies) == receiver.expected:
-            receiver.complete.set()
+        receiver.deliver(float(data[start : data.index(" ", start)]))
+
+
+async def _subscribe_sse(stream: SseSubscriber, receiver: Receiver) -> None:
+    # A streaming line scan over whatever the socket had: only complete lines are searched
+    # (a line cut by a read waits for its rest), and the stamp occurs only in the data line
+    # of a publish's event, once, so neither events nor JSON are parsed. Under load one read
+    # returns many events, and one scan covers them all.
+    content = stream.response.content
+    tail = b""
+    while chunk := await content.readany():
+        buffer = tail + chunk if tail else chunk
+        end = buffer.rfind(b"\n") + 1
+        tail = buffer[end:]
+        at = buffer.find(STAMP_BYTES, 0, end)
+        while at >= 0:
+            start = at + len(STAMP_BYTES)
+            receiver.deliver(float(buffer[start : buffer.index(b" ", start)]))
+            at = buffer.find(STAMP_BYTES, start, end)
 
 
 async def _drain(ws: aiohttp.ClientWebSocketResponse, errors: list[str]) -> None:
@@ -230,17 +257,23 @@ async def run_fanout(
     stalled: int = 0,
     content_length: int = CONTENT_LENGTH,
     publisher_server: Server | None = None,
+    transport: str = "websocket",
 ) -> tuple[dict, dict]:
     """Fan-out: *subscribers* on the room, one publisher at *rate* msg/s for *duration* s.
 
     Waits up to *drain* seconds after the last publish for deliveries still under way.
     *stalled* of the subscribers are `StalledReader` s that stop reading once subscribed;
     the latencies and losses are the other subscribers'. Publishes carry *content_length*
-    characters. The subscribers connect to *server*, the publisher to *publisher_server*
-    (default the same); the server CPU figures are both servers' together, memory and GC
-    are *server*'s. Returns the fan-out figures and the idle figures of the connection
-    phase (memory per connection, connect time).
+    characters. The subscribers connect to *server* over *transport* (one of `TRANSPORTS`;
+    ``sse`` on hearth only, without stalled readers), the publisher to *publisher_server*
+    (default the same) over a WebSocket; the server CPU figures are both servers'
+    together, memory and GC are *server*'s. Returns the fan-out figures and the idle
+    figures of the connection phase (memory per connection, connect time).
     """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}")
+    if transport == "sse" and (not isinstance(server, Hearth) or stalled):
+        raise ValueError("SSE subscribers need a hearth and no stalled readers")
     publisher_server = publisher_server or server
     server_pids = {server.pid, publisher_server.pid}
     receiver = Receiver()
@@ -251,6 +284,7 @@ async def run_fanout(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         tasks: list[asyncio.Task[None]] = []
         sockets: list[aiohttp.ClientWebSocketResponse] = []
+        streams: list[SseSubscriber] = []
         try:
             publisher = await publisher_server.open_publisher(session)
             sockets.append(publisher)
@@ -269,6 +303,11 @@ async def run_fanout(
                         reader = await StalledReader.connect(server.port, server.subscriber_path)
                         stalled_readers.append(reader)
                         await server.join_room(reader)
+                        return
+                    if isinstance(server, Hearth) and transport == "sse":
+                        stream = await server.open_sse_subscriber(session)
+                        streams.append(stream)
+                        tasks.append(asyncio.create_task(_subscribe_sse(stream, receiver)))
                         return
                     ws = await server.open_subscriber(session)
                 sockets.append(ws)
@@ -321,6 +360,8 @@ async def run_fanout(
             await asyncio.gather(*tasks, return_exceptions=True)
             for reader in stalled_readers:
                 reader.close()
+            for stream in streams:
+                stream.close()
             await asyncio.gather(
                 *(asyncio.wait_for(ws.close(), 5) for ws in sockets), return_exceptions=True
             )
@@ -330,6 +371,7 @@ async def run_fanout(
     span = max(last_delivery, sent_at) - started
     per_delivery = 1e6 / received if received else float("nan")
     fanout = {
+        "transport": transport,
         "subscribers": subscribers,
         "stalled": len(stalled_readers),
         "rate": rate,
@@ -351,6 +393,7 @@ async def run_fanout(
         "helper_cpu_us_per_delivery": round(extra * per_delivery, 3),
         "client_cpu_s": round(client_cpu, 3),
         "client_cpu_share": round(client_cpu / (finished - started), 3),
+        "client_cpu_us_per_delivery": round(client_cpu * per_delivery, 3),
         "client_pid": os.getpid(),
         "rss_start_kb": rss_after,
         "rss_end_kb": rss_end,

@@ -1,11 +1,13 @@
 """The servers under test, each started pinned to the server core, and their wire formats.
 
 Each kind knows how to start its server, how a client opens a subscriber or a publisher
-connection, and how a publish frame looks on its wire.
+connection, and how a publish frame looks on its wire; hearth also how a subscriber opens
+its Server-Sent Events fallback (a ticket, the stream, a ``sub`` over HTTP).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -42,6 +44,8 @@ PRESENCE_ROOM = "presence"
 PRESENCE_USER_PREFIX = "presence-"
 #: Seconds a hearth with Redis has to show its bridge delivers (its canary came back).
 BRIDGE_READY_TIMEOUT = 30.0
+#: Seconds a fresh SSE stream has to send its ``hello`` event.
+SSE_HELLO_TIMEOUT = 30.0
 
 
 #: The cores this process could use at start, before the benchmark pinned itself to one.
@@ -109,6 +113,61 @@ class WebSocketLike(Protocol):
 
 def _pinned_to_server_core() -> None:
     pin(0, SERVER_CORE)
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    """One Server-Sent Event as its stream's fields gave it."""
+
+    #: The ``event:`` field; ``message`` when the event had none.
+    event: str
+    #: The ``data:`` lines, joined with newlines.
+    data: str
+    #: The ``id:`` field, None when the event had none.
+    id: str | None
+
+
+async def read_sse_event(content: aiohttp.StreamReader) -> SseEvent:
+    """The next event of the ``text/event-stream`` *content*; comments and ``retry`` skipped.
+
+    Line by line, as the HTML standard's parser does: for the few events of a handshake.
+    A run's deliveries are counted by a faster scan (bench.loadgen).
+    """
+    event, data, event_id = "message", list[str](), None
+    while True:
+        raw = await content.readline()
+        if not raw:
+            raise ConnectionError("the event stream ended")
+        line = raw.decode().removesuffix("\n").removesuffix("\r")
+        if not line:
+            if data:
+                return SseEvent(event, "\n".join(data), event_id)
+            event, event_id = "message", None  # an event without data is not dispatched
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event = value
+        elif name == "id":
+            event_id = value
+
+
+class SseSubscriber:
+    """One open Server-Sent Events stream of hearth's fallback transport."""
+
+    def __init__(self, response: aiohttp.ClientResponse, session_id: str) -> None:
+        #: The streaming ``GET /sse`` response; its ``content`` is the event stream.
+        self.response = response
+        #: The session id the stream's ``hello`` named, for ``X-Hearth-Session``.
+        self.session_id = session_id
+
+    def close(self) -> None:
+        """Drop the stream's connection."""
+        self.response.close()
 
 
 class Server:
@@ -510,6 +569,53 @@ class Hearth(Server):
         ) as response:
             response.raise_for_status()
             self.token = (await response.json())["token"]
+
+    def _authorization(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def sse_ticket(self, session: aiohttp.ClientSession) -> str:
+        """A fresh one-stream ticket for the run's token (``POST /api/v1/sse/ticket``)."""
+        async with session.post(
+            f"http://127.0.0.1:{self.port}/api/v1/sse/ticket", headers=self._authorization()
+        ) as response:
+            if response.status != 200:
+                raise RuntimeError(f"hearth refused a ticket: {await response.text()}")
+            return (await response.json())["ticket"]
+
+    async def open_sse_subscriber(self, session: aiohttp.ClientSession) -> SseSubscriber:
+        """An SSE stream, opened with a ticket, whose session is subscribed to the room."""
+        await self.login(session)
+        ticket = await self.sse_ticket(session)
+        response = await session.get(f"http://127.0.0.1:{self.port}/sse", params={"ticket": ticket})
+        try:
+            if response.status != 200 or response.content_type != "text/event-stream":
+                raise RuntimeError(
+                    f"hearth refused the stream: {response.status} {await response.text()}"
+                )
+            async with asyncio.timeout(SSE_HELLO_TIMEOUT):
+                hello = await read_sse_event(response.content)
+            if hello.event != "hello":
+                raise RuntimeError(f"the stream began without hello: {hello}")
+            stream = SseSubscriber(response, json.loads(hello.data)["session"])
+            await self.rpc(session, stream.session_id, {"op": "sub", "topic": f"room:{BENCH_ROOM}"})
+        except BaseException:
+            response.close()
+            raise
+        return stream
+
+    async def rpc(self, session: aiohttp.ClientSession, session_id: str, frame: dict) -> dict:
+        """Send *frame* for SSE session *session_id* over ``POST /api/v1/rpc``; its ctrl."""
+        self._requests += 1
+        request_id = f"r{self._requests}"
+        async with session.post(
+            f"http://127.0.0.1:{self.port}/api/v1/rpc",
+            headers={**self._authorization(), "X-Hearth-Session": session_id},
+            json={**frame, "id": request_id},
+        ) as response:
+            ctrl = (await response.json(content_type=None)).get("ctrl") or {}
+        if response.status != 200 or ctrl.get("code") != 200 or ctrl.get("id") != request_id:
+            raise RuntimeError(f"hearth refused {frame['op']} over rpc: {response.status} {ctrl}")
+        return ctrl
 
     async def _request(self, ws: WebSocketLike, frame: dict) -> dict:
         self._requests += 1

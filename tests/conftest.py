@@ -483,3 +483,36 @@ def hung(server: LocalPostgres | LocalRedis) -> Iterator[None]:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+
+
+@pytest.fixture
+async def blocking_proxy(tmp_path: Path):
+    """Start real HAProxy in front of a hearth port, refusing every WebSocket upgrade (403)
+    as some corporate proxies do; call it with the port, get the started `LocalHaproxy`.
+
+    Each proxy has its own folder and port; all are stopped after the test. Skips when
+    HAProxy is missing and cannot be installed.
+    """
+    from app.services import LocalHaproxy, ServiceError, ensure_haproxy_installed
+
+    try:
+        ensure_haproxy_installed()
+    except ServiceError as exc:
+        pytest.skip(f"haproxy is missing and could not be installed: {exc}")
+    started: list[LocalHaproxy] = []
+
+    async def start(server_port: int, *, block_websocket: bool = True) -> LocalHaproxy:
+        proxy = LocalHaproxy(
+            tmp_path / f"haproxy-{len(started) + 1}",
+            free_port(),
+            [server_port],
+            check_interval="500ms",
+            block_websocket=block_websocket,
+        )
+        started.append(proxy)
+        await asyncio.to_thread(proxy.start)
+        return proxy
+
+    yield start
+    for proxy in started:
+        await asyncio.to_thread(proxy.stop)

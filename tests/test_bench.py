@@ -28,6 +28,11 @@ CROSS_RUN_KEYS = {
     "deliveries_per_s", "p50_ms", "p99_ms", "max_ms", "lost", "expected", "received",
     "bridged_in",
 }  # fmt: skip
+SSE_KEYS = FANOUT_KEYS - {"ratio_to_floor"} | {
+    "transport", "publish_errors", "client_cpu_share", "client_cpu_us_per_delivery",
+    "kb_per_connection", "ratio_to_websocket", "websocket",
+}  # fmt: skip
+SSE_RATIO_KEYS = {"deliveries_per_s", "p99_ms", "cpu_us_per_delivery"}
 DURABLE_KEYS = {
     "acknowledged", "stored_200", "queued_202", "acks_per_s", "p50_ms", "p99_ms", "max_ms",
     "errors", "cpu_us_per_publish", "postgres_cpu_us_per_publish", "cores",
@@ -35,9 +40,9 @@ DURABLE_KEYS = {
 
 
 def test_quick_bench_delivers_everything_and_writes_json(tmp_path: Path) -> None:
-    """A quick run delivers every publish on every server kind, has hearth acknowledge durable
-    publishes, list every joined user, drop a stalled reader and deliver through Redis from
-    one instance to another, and records the figures."""
+    """A quick run delivers every publish on every server kind, to hearth's SSE subscribers
+    too, has hearth acknowledge durable publishes, list every joined user, drop a stalled
+    reader and deliver through Redis from one instance to another, and records the figures."""
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--output", str(tmp_path)],
         cwd=ROOT,
@@ -76,6 +81,29 @@ def test_quick_bench_delivers_everything_and_writes_json(tmp_path: Path) -> None
     )
     for server in ALL_KINDS:
         assert f" {server} " in done.stdout
+    sse = [r for r in document["rows"] if r["scenario"] == "sse"]
+    # The smoke run takes the SSE path on one hearth kind, the first (see --quick).
+    assert [r["server"] for r in sse] == document["settings"]["sse_servers"] == ["hearth"]
+    for row in sse:
+        assert SSE_KEYS <= row.keys(), row["server"]
+        assert (row["transport"], row["n"], row["subscribers"]) == ("sse", 20, 20), row
+        assert row["received"] == row["expected"] == row["published"] * 20 > 0, row
+        assert row["lost"] == 0 and row["publish_errors"] == 0, row
+        assert row["deliveries_per_s"] > 0 and row["cpu_us_per_delivery"] > 0, row
+        assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], row
+        # Beside it: the WebSocket fan-out row of the same server and N, and SSE's ratios to it.
+        (websocket,) = (r for r in fanout if r["server"] == row["server"] and r["n"] == row["n"])
+        assert row["websocket"]["transport"] == websocket["transport"] == "websocket"
+        for key in FANOUT_KEYS - {"ratio_to_floor"}:
+            assert row["websocket"][key] == websocket[key], key
+        assert row["ratio_to_websocket"] == {
+            key: round(row[key] / websocket[key], 2) for key in SSE_RATIO_KEYS
+        }, row
+    sse_lines = [line.split() for line in done.stdout.splitlines() if line.split()[:1] == ["sse"]]
+    assert [line[2:4] for line in sse_lines] == [
+        ["hearth", "websocket"],
+        ["hearth", "sse"],
+    ], done.stdout
     durable = [r for r in document["rows"] if r["scenario"] == "durable"]
     assert [r["server"] for r in durable] == ["hearth"]
     for row in durable:
@@ -119,4 +147,4 @@ def test_quick_bench_delivers_everything_and_writes_json(tmp_path: Path) -> None
     assert row["p99_ratio"] == round(row["cross"]["p99_ms"] / row["single"]["p99_ms"], 2) > 0
     assert document["settings"]["cross_subscribers"] == 20
     shown = {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
-    assert {"fanout", "idle", "durable", "presence", "slow", "cross"} <= shown
+    assert {"fanout", "idle", "sse", "durable", "presence", "slow", "cross"} <= shown

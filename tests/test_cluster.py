@@ -244,7 +244,8 @@ async def publish(client: WsClient, number: int) -> int:
 
 def test_rendered_config_is_the_deploy_example():
     """The config HAProxy runs here is deploy/haproxy.cfg with only addresses, paths and
-    the check interval changed, one server line per instance."""
+    the check interval changed, one server line per instance, each with its own sticky
+    cookie value."""
     template = HAPROXY_TEMPLATE.read_text()
     rendered = render_haproxy_config(
         template, port=9000, server_ports=[9001, 9002], stats_socket=Path("/run/h.sock"),
@@ -257,10 +258,11 @@ def test_rendered_config_is_the_deploy_example():
             "    stats socket /run/h.sock mode 600 level admin",
         "    default-server check inter 1s fall 2 rise 2 on-marked-down shutdown-sessions":
             "    default-server check inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions",
-        "    server hearth1 127.0.0.1:8081":
-            "    server hearth1 127.0.0.1:9001\n    server hearth2 127.0.0.1:9002",
-        "    server hearth2 127.0.0.1:8082": None,
-        "    server hearth3 127.0.0.1:8083": None,
+        "    server hearth1 127.0.0.1:8081 cookie hearth1":
+            "    server hearth1 127.0.0.1:9001 cookie hearth1\n"
+            "    server hearth2 127.0.0.1:9002 cookie hearth2",
+        "    server hearth2 127.0.0.1:8082 cookie hearth2": None,
+        "    server hearth3 127.0.0.1:8083 cookie hearth3": None,
     }  # fmt: skip
     expected = [
         changed.get(line, line)

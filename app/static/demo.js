@@ -81,6 +81,7 @@ function startChat() {
   $('logout').hidden = false;
   client = new HearthClient({ token: session.token, username: session.username });
   client.on('stateChange', showConnection);
+  client.on('transport', () => showConnection({ state: client.state, retryAt: client.retryAt }));
   client.on('message', ({ room }) => room === currentRoom && queueRender());
   client.on('presence', ({ room }) => room === currentRoom && renderPresence());
   client.on('status', renderStatus);
@@ -231,9 +232,16 @@ function renderPresence() {
 function showConnection({ state, retryAt }) {
   const indicator = $('connection');
   indicator.dataset.state = state;
+  // On the fallback (WebSocket blocked on the way, e.g. by a proxy) the page works the same.
+  const fallback = client?.transport === 'sse';
+  indicator.dataset.transport = client?.transport ?? '';
+  indicator.title = fallback
+    ? 'WebSocket is blocked on the way to the server; using Server-Sent Events and HTTP instead'
+    : '';
   clearInterval(countdown);
   const texts = {
-    connecting: 'connecting…', authenticating: 'signing in…', ready: 'connected', closed: 'offline',
+    connecting: 'connecting…', authenticating: 'signing in…',
+    ready: fallback ? 'connected (fallback)' : 'connected', closed: 'offline',
   };
   const update = () => {
     if (state !== 'reconnecting') {

@@ -3,10 +3,16 @@
 // It keeps one WebSocket to /ws alive (reconnecting with full-jitter backoff and the
 // server's hints), re-authenticates, re-subscribes, recovers every room from the last seq
 // it saw, drops duplicates, tracks the state of each publish and keeps unsent publishes in
-// localStorage so a reload loses nothing. docs/protocol.rst is the wire contract.
+// localStorage so a reload loses nothing. Where WebSocket is blocked (a proxy refusing the
+// Upgrade) it falls back to Server-Sent Events down and HTTP POST up (SseSocket), the same
+// protocol behind the same interface. docs/protocol.rst is the wire contract.
 
 /**
  * @typedef {'connecting'|'authenticating'|'ready'|'reconnecting'|'closed'} ConnectionState
+ *
+ * @typedef {'websocket'|'sse'} Transport
+ *   websocket: one WebSocket to /ws; sse: the fallback, an EventSource on /sse for what the
+ *   server sends and a POST to /api/v1/rpc for each request.
  *
  * @typedef {'pending'|'sent'|'queued'|'failed'} MessageState
  *   pending: not acknowledged yet (offline, or waiting for the reply); sent: stored (200);
@@ -47,6 +53,9 @@
  * @property {string} token            login token (see {@link login})
  * @property {string} username         the token's user; keys the offline queue
  * @property {string} [url]            WebSocket URL; default ws(s)://<this host>/ws
+ * @property {string} [baseUrl]        HTTP base of the fallback's /sse and /api/v1 calls;
+ *   default the origin (and path) of *url*
+ * @property {number} [wsOpenTimeoutMs=4000]  a WebSocket not open by then counts as blocked
  * @property {BackoffOptions} [backoff]
  * @property {() => number} [random]   source of jitter in [0, 1); default Math.random
  * @property {StorageLike|null} [storage]  where unsent publishes live; default localStorage
@@ -196,6 +205,216 @@ function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
+/** Close codes SseSocket reports for a server's farewell frame, as the WebSocket would close. */
+const FAREWELL_CLOSE_CODES = Object.freeze({ SERVER_SHUTDOWN: 1001, SLOW_CLIENT: 1013 });
+
+/**
+ * The fallback transport, shaped like a WebSocket for HearthClient: `onopen`, `onmessage`,
+ * `onclose`, `onerror`, `send(text)`, `close()` and `readyState`.
+ *
+ * Opening POSTs the token for a one-time ticket (`/api/v1/sse/ticket`; the long-lived
+ * token never goes in a URL), opens `EventSource('/sse?ticket=…')` and is open once the
+ * stream's `hello` names its session. Every other stream event is one frame, passed to
+ * `onmessage` as the WebSocket would. `send` POSTs one request frame to `/api/v1/rpc` and
+ * passes the ctrl of the response to `onmessage` as if it had come down the stream; the
+ * `auth` that HearthClient sends first is answered here with the hello's user, since the
+ * stream is authenticated already. A POST that gets no answer passes nothing: the
+ * request's own timeout handles it (and a publish is resent with the same client_msg_id).
+ *
+ * A dropped stream is resumed by the browser itself (EventSource reconnects with
+ * `Last-Event-ID`, and the server replays what was missed); a `hello` of the same session
+ * with `resumed: true` is transparent. When the server refuses the resume (the EventSource
+ * ends CLOSED), or a hello names another session, or the server said goodbye
+ * (SERVER_SHUTDOWN, SLOW_CLIENT) before the stream ended, it closes, and HearthClient's
+ * usual reconnect runs: a new ticket, re-subscribe with since.
+ */
+export class SseSocket {
+  /**
+   * @param {string} baseUrl  HTTP base of hearth, e.g. `https://chat.example.com`
+   * @param {string} token    login token
+   */
+  constructor(baseUrl, token) {
+    this.baseUrl = baseUrl;
+    this.token = token;
+    /** 0 connecting, 1 open, 3 closed: WebSocket's numbers. */
+    this.readyState = SseSocket.CONNECTING;
+    /** @type {((event: object) => void)|null} */
+    this.onopen = null;
+    /** @type {((event: {data: string}) => void)|null} */
+    this.onmessage = null;
+    /** @type {((event: {code: number, reason: string, wasClean: boolean, retryAfterMs?: number}) => void)|null} */
+    this.onclose = null;
+    /** @type {((event: object) => void)|null} */
+    this.onerror = null;
+    /** @type {string|null} the stream's session id (from its hello) */
+    this.session = null;
+    /** @type {{id: string, username: string}|null} the stream's user (from its hello) */
+    this.user = null;
+    /** Times the browser resumed the stream of this session after a drop. */
+    this.resumes = 0;
+    /** @type {EventSource|null} */
+    this._source = null;
+    /** The close code once the stream ends: 1006 unless the server said goodbye first. */
+    this._endCode = 1006;
+    this._start();
+  }
+
+  async _start() {
+    let response;
+    let body;
+    try {
+      response = await fetch(`${this.baseUrl}/api/v1/sse/ticket`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${this.token}`, 'X-Trace-ID': newTraceId() },
+      });
+      body = await response.json().catch(() => ({}));
+    } catch {
+      this._end(1006, 'no ticket: the server is unreachable');
+      return;
+    }
+    if (this.readyState === SseSocket.CLOSED) return;
+    if (!response.ok || typeof body?.ticket !== 'string') {
+      const retryAfterMs = (Number(response.headers.get('Retry-After')) || 0) * 1000;
+      // 401: the token is no good, as a WebSocket closes with 1008 (policy).
+      const code = response.status === 401 ? 1008 : response.status === 429 || response.status === 503 ? 1013 : 1011;
+      this._end(code, `ticket refused (${response.status})`, retryAfterMs);
+      return;
+    }
+    const source = new EventSource(`${this.baseUrl}/sse?ticket=${encodeURIComponent(body.ticket)}`);
+    this._source = source;
+    source.addEventListener('hello', (event) => this._onHello(event.data));
+    source.onmessage = (event) => this._onStreamFrame(event.data);
+    source.onerror = () => this._onStreamError();
+  }
+
+  _onHello(text) {
+    let hello;
+    try {
+      hello = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (this.session === null) {
+      this.session = hello.session;
+      this.user = hello.user ?? null;
+      this.readyState = SseSocket.OPEN;
+      this.onopen?.({ type: 'open' });
+    } else if (hello.session === this.session && hello.resumed) {
+      this.resumes += 1; // the server replays what the drop cost: nothing to do here
+      this._endCode = 1006;
+    } else {
+      // The server no longer has our session, nor what it had subscribed: start over.
+      this._end(1006, 'the stream came back as another session');
+    }
+  }
+
+  _onStreamFrame(text) {
+    if (this.readyState !== SseSocket.OPEN) return;
+    if (text.includes('"error"')) {
+      try {
+        const event = JSON.parse(text).event;
+        const code = event?.type === 'error' ? FAREWELL_CLOSE_CODES[event.data?.code] : undefined;
+        if (code !== undefined) this._endCode = code;
+      } catch {
+        /* not JSON: HearthClient ignores it too */
+      }
+    }
+    this.onmessage?.({ data: text });
+  }
+
+  _onStreamError() {
+    if (this.readyState === SseSocket.CLOSED) return;
+    if (this._source.readyState === EventSource.CLOSED) {
+      // Refused (401: ticket expired, resume window passed, another instance): no resume.
+      this._end(1006, 'the stream was refused');
+    } else if (this._endCode !== 1006) {
+      // The server dropped us on purpose and said why: do what a WebSocket client does.
+      this._end(this._endCode, 'the server ended the stream');
+    }
+    // Otherwise the browser is reconnecting with Last-Event-ID by itself.
+  }
+
+  _end(code, reason, retryAfterMs = 0) {
+    if (this.readyState === SseSocket.CLOSED) return;
+    this.readyState = SseSocket.CLOSED;
+    this._source?.close();
+    this.onclose?.({ code, reason, wasClean: false, retryAfterMs });
+  }
+
+  /**
+   * Send one request frame (JSON *text*) as a POST to `/api/v1/rpc`.
+   * @param {string} text
+   */
+  send(text) {
+    if (this.readyState !== SseSocket.OPEN) return;
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (frame.op === 'auth') {
+      const ctrl = { id: frame.id, code: 200, text: 'ok', params: { user: this.user } };
+      setTimeout(() => this._deliver({ ctrl }));
+      return;
+    }
+    this._post(frame, text);
+  }
+
+  async _post(frame, text) {
+    let response;
+    let body;
+    try {
+      response = await fetch(`${this.baseUrl}/api/v1/rpc`, {
+        method: 'POST',
+        headers: {
+          Authorization: `Bearer ${this.token}`,
+          'X-Hearth-Session': this.session,
+          'X-Trace-ID': frame.trace_id ?? newTraceId(),
+          'Content-Type': 'application/json',
+        },
+        body: text,
+      });
+      body = await response.json().catch(() => null);
+    } catch {
+      return; // no answer: the request times out, as one lost on a WebSocket would
+    }
+    const ctrl = body?.ctrl;
+    if (ctrl && ctrl.id === frame.id) {
+      this._deliver({ ctrl });
+    } else if (response.status === 401) {
+      this._end(1008, 'the token was refused');
+    } else if (response.status === 403 || response.status === 404) {
+      // Not this request's answer but the session's: gone from the server (or not ours).
+      this._end(1006, `the stream session is gone (${response.status})`);
+    } else if (ctrl) {
+      this._deliver({ ctrl: { ...ctrl, id: frame.id } }); // e.g. 503 in maintenance
+    } else if (response.status >= 500 || response.status === 429) {
+      // A proxy's own error page (no server to send it to): retried as a 5xx from hearth is.
+      const retryAfter = Number(response.headers.get('Retry-After')) || undefined;
+      this._deliver({ ctrl: { id: frame.id, code: response.status, text: response.statusText || 'proxy error',
+        params: { error: `HTTP_${response.status}`, ...(retryAfter ? { retry_after: retryAfter } : {}) } } });
+    }
+  }
+
+  _deliver(frame) {
+    if (this.readyState === SseSocket.OPEN) this.onmessage?.({ data: JSON.stringify(frame) });
+  }
+
+  /** Close the stream; HearthClient detaches its handlers first, as with a WebSocket. */
+  close(code = 1000, reason = '') {
+    if (this.readyState === SseSocket.CLOSED) return;
+    this.readyState = SseSocket.CLOSED;
+    this._source?.close();
+    const onclose = this.onclose;
+    if (onclose) setTimeout(() => onclose({ code, reason, wasClean: true, retryAfterMs: 0 }));
+  }
+}
+SseSocket.CONNECTING = 0;
+SseSocket.OPEN = 1;
+SseSocket.CLOSING = 2;
+SseSocket.CLOSED = 3;
+
 /** Per-room bookkeeping. */
 class Room {
   /** @param {string} name */
@@ -223,7 +442,8 @@ class Room {
  * A connection to hearth. Events (subscribe with {@link HearthClient#on}):
  *
  * - `stateChange` {state, previous, retryAt, retryInMs}
- * - `open` {} — the WebSocket opened
+ * - `open` {} — the WebSocket (or the fallback's stream) opened
+ * - `transport` {transport, previous, reason} — `client.transport` changed
  * - `disconnect` {code, reason, wasClean}
  * - `reconnect` {attempts, downtimeMs} — ready again after a drop
  * - `message` {room, message, update} — a new message or a change of one (state, seq)
@@ -242,6 +462,8 @@ export class HearthClient {
     this.token = options.token;
     this.username = options.username;
     this.url = options.url ?? defaultUrl();
+    this.baseUrl = options.baseUrl ?? httpBase(this.url);
+    this.wsOpenTimeoutMs = options.wsOpenTimeoutMs ?? 4000;
     this.backoff = { ...BACKOFF, ...(options.backoff ?? {}) };
     this.random = options.random ?? Math.random;
     this.storage = options.storage === undefined ? defaultStorage() : options.storage ?? memoryStorage();
@@ -259,6 +481,12 @@ export class HearthClient {
     this.user = null;
     /** @type {Record<string, string>} component -> state as the server last reported */
     this.degraded = {};
+    /**
+     * @type {Transport} what the next connection uses: WebSocket first; the fallback for the
+     * rest of this client's life once a WebSocket was refused and the fallback got through.
+     * A new page (a new client) tries WebSocket again.
+     */
+    this.transport = 'websocket';
 
     /** @type {Map<string, Room>} */
     this.rooms = new Map();
@@ -268,6 +496,11 @@ export class HearthClient {
     this.listeners = new Map();
 
     this._socket = null;
+    /** Whether the current socket opened (a WebSocket refused before open means blocked). */
+    this._socketOpened = false;
+    this._openDeadline = null;
+    /** @type {Record<Transport, boolean>} whether a socket of each transport ever opened */
+    this._everOpened = { websocket: false, sse: false };
     this._pending = new Map();
     this._requestIds = 0;
     this._timer = null;
@@ -390,17 +623,63 @@ export class HearthClient {
     this._setState(this._wasReady ? 'reconnecting' : 'connecting');
     let socket;
     try {
-      socket = new WebSocket(this.url);
+      socket = this.transport === 'sse' ? new SseSocket(this.baseUrl, this.token) : new WebSocket(this.url);
     } catch (err) {
       this._scheduleReconnect(0);
       return;
     }
     this._socket = socket;
+    this._socketOpened = false;
     this._hintMs = 0;
-    socket.onopen = () => this._onOpen(socket);
+    socket.onopen = () => {
+      clearTimeout(this._openDeadline);
+      this._socketOpened = true;
+      this._everOpened[this.transport] = true;
+      this._onOpen(socket);
+    };
     socket.onmessage = (event) => this._onFrame(socket, event.data);
-    socket.onclose = (event) => this._lost(socket, event.code, event.reason, event.wasClean);
+    socket.onclose = (event) => {
+      if (event.retryAfterMs) this._hintMs = Math.max(this._hintMs, event.retryAfterMs);
+      this._lost(socket, event.code, event.reason, event.wasClean);
+    };
     socket.onerror = () => {}; // the close event that follows tells what happened
+    // A proxy may also swallow the Upgrade and never answer: not open in time counts as refused.
+    clearTimeout(this._openDeadline);
+    const deadlineMs = this.transport === 'sse' ? this.requestTimeoutMs : this.wsOpenTimeoutMs;
+    this._openDeadline = setTimeout(() => {
+      if (socket === this._socket && !this._socketOpened) {
+        this._lost(socket, 4002, `not open within ${deadlineMs} ms`);
+      }
+    }, deadlineMs);
+  }
+
+  _useTransport(transport, reason) {
+    const previous = this.transport;
+    if (previous === transport) return;
+    this.transport = transport;
+    this._emit('transport', { transport, previous, reason });
+  }
+
+  /**
+   * After a socket that never opened: the transport to try next, and whether right away.
+   * A WebSocket refused before open (close 1006: how a proxy's 400/403/405 to the Upgrade
+   * shows in a browser) or not open in time (4002), when no WebSocket ever opened here,
+   * means blocked: the fallback, at once. A fallback that never opened either means the
+   * server itself is unreachable: WebSocket again, after backoff. A WebSocket that opened
+   * once and dropped reconnects on WebSocket.
+   */
+  _fallBack(code, reason) {
+    if (this._socketOpened || (typeof navigator !== 'undefined' && navigator.onLine === false)) {
+      return false;
+    }
+    if (this.transport === 'websocket' && !this._everOpened.websocket && (code === 1006 || code === 4002)) {
+      this._useTransport('sse', `WebSocket refused: ${reason}`);
+      return true;
+    }
+    if (this.transport === 'sse' && !this._everOpened.sse) {
+      this._useTransport('websocket', `fallback refused too: ${reason}`);
+    }
+    return false;
   }
 
   async _onOpen(socket) {
@@ -460,6 +739,7 @@ export class HearthClient {
   }
 
   _detach(socket) {
+    clearTimeout(this._openDeadline);
     socket.onopen = socket.onmessage = socket.onclose = null;
     if (this._socket === socket) this._socket = null;
   }
@@ -490,6 +770,10 @@ export class HearthClient {
     if (this._stopped) return;
     if (code === 1008) {
       this._authLost('AUTH_REQUIRED', 'the server closed the connection (1008); log in again');
+      return;
+    }
+    if (this._fallBack(code, reason || `closed ${code}`)) {
+      this._open(); // another route, not a retry: no backoff
       return;
     }
     let floorMs = this._hintMs;
@@ -741,7 +1025,8 @@ export class HearthClient {
 
   async _subscribeRoom(room, { throwOnError = false } = {}) {
     const fields = { topic: room.topic };
-    if (room.lastSeq !== null) fields.since = room.lastSeq;
+    const fresh = room.lastSeq === null;
+    if (!fresh) fields.since = room.lastSeq;
     let ctrl;
     try {
       ctrl = await this._request('sub', fields);
@@ -766,8 +1051,9 @@ export class HearthClient {
     }
     room.subscribed = true;
     const head = ctrl.params?.seq ?? 0;
-    if (room.lastSeq === null) {
-      room.lastSeq = head;
+    if (fresh) {
+      // On the fallback a live message may come down the stream before this POST's answer.
+      room.lastSeq = Math.max(room.lastSeq ?? 0, head);
       if (head > 0) {
         await this._request('history', { topic: room.topic, before: head + 1,
           limit: this.historyLimit }).catch(() => {});
@@ -1000,6 +1286,13 @@ export class HearthClient {
 function defaultUrl() {
   const { protocol, host } = globalThis.location;
   return `${protocol === 'https:' ? 'wss:' : 'ws:'}//${host}/ws`;
+}
+
+/** The HTTP base beside WebSocket URL *url*: `wss://h/p/ws` -> `https://h/p`. */
+function httpBase(url) {
+  const parsed = new URL(url, globalThis.location?.href);
+  const protocol = parsed.protocol === 'wss:' ? 'https:' : parsed.protocol === 'ws:' ? 'http:' : parsed.protocol;
+  return `${protocol}//${parsed.host}${parsed.pathname.replace(/\/ws$/, '')}`.replace(/\/$/, '');
 }
 
 function retryAfterMs(ctrl) {
