@@ -112,7 +112,8 @@ class Connection:
 
     With *transport* (the socket's, uncompressed), a frame offered while nothing is queued,
     nothing is being sent and the transport holds no unsent bytes is written at once, as
-    prebuilt wire bytes: no task wake-up, no timer. Anything else queues for the writer
+    prebuilt wire bytes: no task wake-up, no timer. Those are WebSocket framing unless
+    *wire* builds them (an event stream's chunk). Anything else queues for the writer
     task, whose sends carry the send timeout, so a client that stops reading is detected
     and dropped exactly as before.
     """
@@ -122,7 +123,7 @@ class Connection:
         "id", "user_id", "username", "is_admin", "topics", "room_seqs", "held", "on_gap",
         "limits", "write_errors", "closed_reason", "_send", "_close", "_transport",
         "_sending", "_backlog", "_latest", "_room_frames", "_bytes", "_warned", "_writer",
-        "_started", "_closing",
+        "_started", "_closing", "_wire",
     )  # fmt: skip
 
     def __init__(
@@ -132,6 +133,7 @@ class Connection:
         *,
         limits: Limits = Limits(),
         transport: asyncio.WriteTransport | None = None,
+        wire: Callable[[str], bytes] | None = None,
     ) -> None:
         #: Short random id for logs.
         self.id = secrets.token_hex(6)
@@ -152,6 +154,8 @@ class Connection:
         self._send = send
         self._close = close
         self._transport = transport
+        # Builds a frame's bytes for a direct write; None: WebSocket framing.
+        self._wire = wire
         # True while the writer task is inside a send: a direct write must not overtake it.
         self._sending = False
         # Backlog entries: a ready frame, or a status topic whose newest frame is in _latest.
@@ -202,7 +206,10 @@ class Connection:
             return False
         transport = self._idle_transport()
         if transport is not None:
-            transport.write(wire if wire is not None else text_frame(frame))
+            if self._wire is not None:
+                transport.write(self._wire(frame))
+            else:
+                transport.write(wire if wire is not None else text_frame(frame))
             return True
         limits = self.limits
         if (
@@ -236,7 +243,7 @@ class Connection:
             return False
         transport = self._idle_transport()
         if transport is not None:
-            transport.write(wire)
+            transport.write(wire if self._wire is None else b"".join(map(self._wire, frames)))
             return True
         return all(self.offer(frame) for frame in frames)
 

@@ -440,14 +440,24 @@ async def _serve_stream(request: web.Request, stream: Stream) -> web.StreamRespo
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.ws_send_buffer)
     ended = asyncio.Event()
 
-    async def send(frame: str) -> None:
+    def event_of(frame: str) -> bytes:
         if frame == KEEPALIVE:
-            await response.write(b": keep-alive\n\n")
-            return
+            return b": keep-alive\n\n"
         event, room_event = sse_event(frame)
         if room_event is not None:
             stream.record.wrote(*room_event)
-        await response.write(event)
+        return event
+
+    async def send(frame: str) -> None:
+        await response.write(event_of(frame))
+
+    chunked = response.headers.get(hdrs.TRANSFER_ENCODING, "").lower() == "chunked"
+
+    def wire(frame: str) -> bytes:
+        # What response.write puts on the socket, for the connection's direct writes:
+        # an idle client's event goes out at once, with no writer task (as a WebSocket's).
+        event = event_of(frame)
+        return b"%x\r\n%b\r\n" % (len(event), event) if chunked else event
 
     async def close(*, code: int = 1000, message: bytes = b"") -> None:
         try:
@@ -459,7 +469,10 @@ async def _serve_stream(request: web.Request, stream: Stream) -> web.StreamRespo
         finally:
             ended.set()
 
-    connection = Connection(send, close, limits=client_limits(settings))
+    connection = Connection(
+        send, close, limits=client_limits(settings),
+        transport=request.transport, wire=wire,  # type: ignore[arg-type]
+    )  # fmt: skip
     session = Session(app, connection, transport="sse")
     session.user_agent = request.headers.get(hdrs.USER_AGENT)
     session.sign_in(stream.user)
