@@ -516,3 +516,29 @@ async def blocking_proxy(tmp_path: Path):
     yield start
     for proxy in started:
         await asyncio.to_thread(proxy.stop)
+
+
+@pytest.fixture
+async def browser():
+    """A headless Chromium (Debian's, installed with apt-get when missing, so ``make test``
+    gets it) driven by playwright; closed after the test."""
+    from tests.browser import CHROMIUM, CHROMIUM_ARGS, ensure_chromium
+
+    ensure_chromium()
+    playwright_api = pytest.importorskip("playwright.async_api")
+    async with playwright_api.async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@pytest.fixture
+def console():
+    """The console errors (CSP violations included) of every page a test opens."""
+    from tests.browser import ConsoleWatch
+
+    return ConsoleWatch()

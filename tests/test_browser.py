@@ -21,7 +21,7 @@ from app.models import Message
 from app.services import _read_pid
 from app.store import Store
 from app.web import create_app
-from tests.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ConsoleWatch, ensure_chromium
+from tests.browser import ARTIFACTS, ConsoleWatch
 from tests.conftest import Hearth, start_hearth, wait_until
 
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -33,31 +33,6 @@ FAST_FEEDS = {
     "HEARTH_BREAKER_OPEN_SECONDS": "5",
     "HEARTH_BREAKER_PROBE_SECONDS": "0.5",
 }
-
-
-@pytest.fixture(scope="session", autouse=True)
-def chromium() -> None:
-    """Debian's chromium, installed with apt-get when missing (so ``make test`` gets it)."""
-    ensure_chromium()
-
-
-@pytest.fixture
-async def browser():
-    """A headless Chromium driven by playwright."""
-    async with playwright_api.async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
-@pytest.fixture
-def console() -> ConsoleWatch:
-    """The console errors of every page a test opens."""
-    return ConsoleWatch()
 
 
 async def open_page(browser, console: ConsoleWatch, url: str, name: str, *, phone: bool = False):

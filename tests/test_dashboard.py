@@ -14,7 +14,7 @@ import pytest
 from app import keys
 from app.dashboard import SECURITY_HEADERS, SESSION_COOKIE
 from app.diagnostics import take_snapshot
-from tests.browser import CHROMIUM, CHROMIUM_ARGS, ConsoleWatch, ensure_chromium
+from tests.browser import ConsoleWatch
 from tests.conftest import Hearth, wait_until
 
 #: Screenshots of the dashboard tests (the folder is git-ignored).
@@ -310,27 +310,6 @@ async def test_non_admin_token_as_cookie_is_forbidden(make_hearth, client):
 
 
 # -- in real headless Chromium -----------------------------------------------------------------
-
-
-@pytest.fixture
-async def browser():
-    """A headless Chromium (Debian's) driven by playwright."""
-    ensure_chromium()
-    playwright_api = pytest.importorskip("playwright.async_api")
-    async with playwright_api.async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
-@pytest.fixture
-def console() -> ConsoleWatch:
-    """The console errors (CSP violations included) of every page a test opens."""
-    return ConsoleWatch()
 
 
 async def open_dashboard(

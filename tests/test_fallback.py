@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from app.services import HAPROXY_TEMPLATE, render_haproxy_config
-from tests.browser import CHROMIUM, CHROMIUM_ARGS, ConsoleWatch, ensure_chromium
+from tests.browser import ConsoleWatch
 from tests.test_browser import (
     log_in,
     open_page,
@@ -32,26 +32,6 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "fallbac
 STREAM_CUT = re.compile(r"net::ERR_(INCOMPLETE_CHUNKED_ENCODING|EMPTY_RESPONSE|CONNECTION_RESET)")
 #: And what it logs when the server refuses an EventSource's resume (401).
 RESUME_REFUSED = re.compile(rf"{STREAM_CUT.pattern}|status of 401 \(Unauthorized\)")
-
-
-@pytest.fixture
-async def browser():
-    """A headless Chromium driven by playwright (Debian's, installed when missing)."""
-    ensure_chromium()
-    async with playwright_api.async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
-@pytest.fixture
-def console() -> ConsoleWatch:
-    """The console errors of every page a test opens."""
-    return ConsoleWatch()
 
 
 async def screenshot(page, name: str) -> None:
