@@ -330,7 +330,36 @@ def masked_text_frame(text: str) -> bytes:
     return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-class StalledReader:
+#: Publish limits no test reaches: for tests that publish in bursts.
+UNLIMITED = {
+    "HEARTH_PUB_RATE": "100000",
+    "HEARTH_PUB_BURST": "100000",
+    "HEARTH_USER_PUB_RATE": "100000",
+    "HEARTH_USER_PUB_BURST": "100000",
+}
+
+
+class StalledSocket:
+    """A client socket on a tiny receive buffer that stops reading once it is set up."""
+
+    sock: socket.socket
+
+    def closed_by_server(self, timeout: float) -> bool:
+        """Read (at last) until the server closes the TCP connection or *timeout* passes."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+        finally:
+            self.sock.close()
+        return True
+
+
+class StalledReader(StalledSocket):
     """A real WebSocket client on a tiny receive buffer that stops reading after its handshake."""
 
     def __init__(self, port: int) -> None:
@@ -352,17 +381,6 @@ class StalledReader:
     def send(self, frame: dict) -> None:
         """Send one JSON frame."""
         self.sock.sendall(masked_text_frame(json.dumps(frame)))
-
-    def closed_by_server(self, timeout: float) -> bool:
-        """Read (at last) until the server closes the TCP connection or *timeout* passes."""
-        self.sock.settimeout(timeout)
-        try:
-            while self.sock.recv(65536):
-                pass
-        except TimeoutError:
-            return False
-        except ConnectionResetError:
-            return True
         return True
 
 

@@ -19,15 +19,7 @@ from app.errors import AppError, DatabaseError, NotFound, RoomAccessDenied
 from app.models import Message, RoomRecord
 from app.store import Store
 from app.web import create_app
-from tests.conftest import Hearth, wait_until
-
-#: Publish limits out of the way for tests that publish in bulk.
-UNLIMITED = {
-    "HEARTH_PUB_RATE": "100000",
-    "HEARTH_PUB_BURST": "100000",
-    "HEARTH_USER_PUB_RATE": "100000",
-    "HEARTH_USER_PUB_BURST": "100000",
-}
+from tests.conftest import UNLIMITED, Hearth, wait_until
 
 
 async def sql(dsn: str, statement: str, *params) -> list[tuple]:

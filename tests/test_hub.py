@@ -15,17 +15,9 @@ import aiohttp
 
 from app import keys, metrics
 from app.services import free_port
-from tests.conftest import StalledReader, wait_for_http, wait_until
+from tests.conftest import UNLIMITED, StalledReader, wait_for_http, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-
-#: Publish limits out of the way for tests that publish in bulk.
-UNLIMITED = {
-    "HEARTH_PUB_RATE": "100000",
-    "HEARTH_PUB_BURST": "100000",
-    "HEARTH_USER_PUB_RATE": "100000",
-    "HEARTH_USER_PUB_BURST": "100000",
-}
 
 
 async def test_stalled_reader_is_dropped_while_200_others_keep_receiving(make_hearth):

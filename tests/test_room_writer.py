@@ -12,15 +12,7 @@ import pytest
 from app import keys, metrics
 from app.crypto import generate_key_spec
 from app.spool import Spool
-from tests.conftest import hung, wait_until
-
-#: Publish limits out of the way for tests that publish in bulk.
-UNLIMITED = {
-    "HEARTH_PUB_RATE": "100000",
-    "HEARTH_PUB_BURST": "100000",
-    "HEARTH_USER_PUB_RATE": "100000",
-    "HEARTH_USER_PUB_BURST": "100000",
-}
+from tests.conftest import UNLIMITED, hung, wait_until
 
 
 def stored_frames(client, room: str = "lobby") -> list[dict]:

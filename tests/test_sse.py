@@ -16,15 +16,8 @@ from app import keys, metrics, sse
 from app.protocol import Topic
 from app.sse import ResumeRecord
 from app.web import drain
-from tests.conftest import hung, wait_until
+from tests.conftest import UNLIMITED, StalledSocket, hung, wait_until
 
-#: Publish limits out of the way for tests that publish in bulk.
-UNLIMITED = {
-    "HEARTH_PUB_RATE": "100000",
-    "HEARTH_PUB_BURST": "100000",
-    "HEARTH_USER_PUB_RATE": "100000",
-    "HEARTH_USER_PUB_BURST": "100000",
-}
 _ids = itertools.count(1)
 
 
@@ -332,7 +325,7 @@ def test_resume_record_replays_from_the_oldest_known_position_for_an_unknown_id(
     assert record.positions("a:13") == {"a": 13}
 
 
-class StalledStream:
+class StalledStream(StalledSocket):
     """A real event stream client on a tiny receive buffer that stops reading after its hello."""
 
     def __init__(self, port: int, ticket_: str) -> None:
@@ -348,20 +341,6 @@ class StalledStream:
             received += self.sock.recv(1)
         assert received.startswith(b"HTTP/1.1 200"), received
         self.session = received.split(b'"session":"')[1].split(b'"')[0].decode()
-
-    def closed_by_server(self, timeout: float) -> bool:
-        """Read (at last) until the server closes the TCP connection or *timeout* passes."""
-        self.sock.settimeout(timeout)
-        try:
-            while self.sock.recv(65536):
-                pass
-        except TimeoutError:
-            return False
-        except ConnectionResetError:
-            return True
-        finally:
-            self.sock.close()
-        return True
 
 
 async def test_a_stalled_sse_reader_is_dropped_while_others_keep_receiving(make_hearth):
