@@ -501,7 +501,7 @@ async def _serve_stream(request: web.Request, stream: Stream) -> web.StreamRespo
     try:
         # First on the stream, before the hub knows the connection.
         await response.write(f"retry: {RETRY_MS}\nevent: hello\ndata: {encode(hello)}\n\n".encode())
-        await attend(session, serve)
+        await attend(session, serve())
     finally:
         open_streams.discard(response)
         streams.detach(stream, session)

@@ -6,7 +6,8 @@ import asyncio
 import functools
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import WSMsgType, web
 from yarl import URL
@@ -519,33 +520,40 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         settings.auth_timeout, _auth_timeout, session
     )
 
-    async def read() -> bool:
-        async for message in ws:
-            if message.type is WSMsgType.TEXT:
-                await session.receive(message.data)
-            elif message.type is WSMsgType.BINARY:
-                session.reply_error(BadFrame("binary frames are not supported"), None)
-            elif message.type is WSMsgType.ERROR:
-                metrics.WS_READ_ERRORS.inc()
-                log.bind(client_id=connection.id, error=type(ws.exception()).__name__).warning(
-                    "read error"
-                )
-                return True
-        return (ws.close_code is None or ws.close_code == 1006) and not connection.closed
-
     sockets = app[keys.WEBSOCKETS]
     sockets.add(ws)
     try:
-        await attend(session, read)
+        await attend(session, _read_socket(ws, session))
     finally:
         sockets.discard(ws)
     return ws
 
 
-async def attend(session: Session, serve: Callable[[], Awaitable[bool]]) -> None:
+async def _read_socket(ws: web.WebSocketResponse, session: Session) -> bool:
+    """Read *ws* until the client is gone; whether it went without a goodbye.
+
+    A coroutine of its own rather than a closure: thousands of sockets live at once, and a
+    closure's cells are more objects for every garbage collection to walk.
+    """
+    connection = session.connection
+    async for message in ws:
+        if message.type is WSMsgType.TEXT:
+            await session.receive(message.data)
+        elif message.type is WSMsgType.BINARY:
+            session.reply_error(BadFrame("binary frames are not supported"), None)
+        elif message.type is WSMsgType.ERROR:
+            metrics.WS_READ_ERRORS.inc()
+            log.bind(client_id=connection.id, error=type(ws.exception()).__name__).warning(
+                "read error"
+            )
+            return True
+    return (ws.close_code is None or ws.close_code == 1006) and not connection.closed
+
+
+async def attend(session: Session, serving: Coroutine[Any, Any, bool]) -> None:
     """Run one client's connection from join to leave, whatever its transport.
 
-    Registers *session*'s connection with the hub, awaits *serve* (which reads the client
+    Registers *session*'s connection with the hub, awaits *serving* (which reads the client
     until it is gone and returns whether it went without a goodbye), then tells the hub it
     left, ends the session's requests and repairs, and stops its writer. A hub too busy to
     take the join closes the client with 1013 at once.
@@ -560,12 +568,13 @@ async def attend(session: Session, serve: Callable[[], Awaitable[bool]]) -> None
             log.bind(client_id=connection.id).error("hub mailbox full; connection refused")
             connection.shut(CLOSE_TRY_AGAIN_LATER, "server busy")
             return
-        unexpected = await serve()
+        unexpected = await serving
     except (ConnectionResetError, asyncio.CancelledError) as exc:
         unexpected = not connection.closed
         if isinstance(exc, asyncio.CancelledError):
             raise
     finally:
+        serving.close()  # no-op once awaited; else never to run
         if session.auth_deadline is not None:
             session.auth_deadline.cancel()
         try:
