@@ -141,14 +141,14 @@ async def database(request: web.Request) -> web.Response:
     and ``tablesError`` says why, and the rest still answers."""
     await require_admin(request)
     app = request.app
-    snapshot = take_snapshot(app)
+    snapshot = take_snapshot(app).as_dict()
     body: dict[str, Any] = {
-        "connection": None if snapshot.database is None else snapshot.as_dict()["database"],
+        "connection": snapshot["database"],
         "tables": None,
         "tablesError": None,
         "recentErrors": [
             record
-            for record in snapshot.as_dict()["errors"]["recent"]
+            for record in snapshot["errors"]["recent"]
             if record["code"].startswith("DATABASE")
         ],
     }

@@ -13,15 +13,13 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from app import metrics
 from app.errors import STATUS_TEXTS, AppError, DatabaseRejected, InternalError
 from app.log import get_logger, iso_utc, trace_id_var
 from app.resilience import Backoff
-
-if TYPE_CHECKING:
-    from app.store import Store
+from app.store import ERROR_EVENT_COLUMNS, Store
 
 log = get_logger("analytics")
 
@@ -114,36 +112,19 @@ class ErrorRecord:
 
     def as_dict(self) -> dict[str, Any]:
         """The record for the dashboard and the diagnostics API (no user agent or user id)."""
-        return {
-            "at": iso_utc(self.at),
-            "category": self.category,
-            "code": self.code,
-            "status": self.status,
-            "message": self.message,
-            "endpoint": self.endpoint,
-            "method": self.method,
-            "transport": self.transport,
-            "device_type": self.device_type,
-            "trace_id": self.trace_id,
-        }
+        shown = {name: getattr(self, name) for name in SHOWN_FIELDS}
+        return {**shown, "at": iso_utc(self.at)}
 
     def row(self) -> dict[str, Any]:
-        """The record as `Store.insert_error_events` takes it."""
-        return {
-            "event_id": self.event_id,
-            "at": self.at,
-            "trace_id": self.trace_id,
-            "category": self.category,
-            "code": self.code,
-            "status": self.status,
-            "message": self.message,
-            "endpoint": self.endpoint,
-            "method": self.method,
-            "transport": self.transport,
-            "device_type": self.device_type,
-            "user_agent": self.user_agent,
-            "user_id": self.user_id,
-        }
+        """The record as `Store.insert_error_events` takes it: one key per column."""
+        return {column: getattr(self, column) for column in ERROR_EVENT_COLUMNS}
+
+
+#: The fields of an `ErrorRecord` operators see, in this order (``at`` as ISO text).
+SHOWN_FIELDS = (
+    "at", "category", "code", "status", "message", "endpoint", "method", "transport",
+    "device_type", "trace_id",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -238,8 +238,6 @@ class SseStreams:
         self.tickets: dict[str, Ticket] = {}
         #: Stream id -> stream.
         self.streams: dict[str, Stream] = {}
-        #: Streams with a live connection, counted against HEARTH_MAX_CONNECTIONS.
-        self.live = 0
         self._sweeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -324,7 +322,6 @@ class SseStreams:
         stream.peer_gone = False
         stream.opened = True
         stream.keepalive_at = self.clock() + self.keepalive
-        self.live += 1
 
     def detach(self, stream: Stream, session: Session) -> None:
         """*session*'s connection of *stream* ended; its resume window starts now."""
@@ -334,7 +331,6 @@ class SseStreams:
         stream.request = None
         stream.ended = None
         stream.dropped_at = self.clock()
-        self.live -= 1
 
     def sweep(self) -> None:
         """One round: dead peers, keep-alives, expired tickets and streams."""

@@ -338,6 +338,14 @@ UNLIMITED = {
     "HEARTH_USER_PUB_BURST": "100000",
 }
 
+#: Client bounds a stalled reader reaches within seconds: a 50-frame backlog, a 2 s send
+#: timeout and a 16 KB kernel send buffer (loopback would otherwise absorb megabytes).
+STALL_BOUNDS = {
+    "HEARTH_CLIENT_QUEUE_MESSAGES": "50",
+    "HEARTH_SEND_TIMEOUT": "2",
+    "HEARTH_WS_SEND_BUFFER": "16384",
+}
+
 
 class StalledSocket:
     """A client socket on a tiny receive buffer that stops reading once it is set up."""

@@ -51,12 +51,18 @@ async def _rows(store: Store, sql: str = "SELECT count(*) FROM error_events") ->
     return await store.run(select, name="test")
 
 
+async def migrated_store(dsn: str, timeout: float) -> Store:
+    """An open store on *dsn*, migrated, with a *timeout* deadline."""
+    store = Store(dsn, timeout=timeout)
+    await store.open()
+    await store.migrate()
+    return store
+
+
 @pytest.fixture
 async def store(database):
     """A migrated store on a fresh database (short deadline)."""
-    store = Store(database, timeout=2)
-    await store.open()
-    await store.migrate()
+    store = await migrated_store(database, 2)
     yield store
     await store.close()
 
@@ -220,9 +226,7 @@ async def test_lone_surrogates_and_nuls_do_not_wedge_the_flush(store):
 
 async def test_records_wait_out_a_stopped_postgres_and_are_written_exactly_once(own_postgres):
     """With PostgreSQL stopped records stay buffered; once it is back each is written once."""
-    store = Store(own_postgres.dsn, timeout=1)
-    await store.open()
-    await store.migrate()
+    store = await migrated_store(own_postgres.dsn, 1)
     recorder = ErrorRecorder(flush_interval=0.05, backoff=QUICK)
     recorder.start(store)
     try:
@@ -246,9 +250,7 @@ async def test_records_wait_out_a_stopped_postgres_and_are_written_exactly_once(
 
 async def test_a_hung_postgres_keeps_records_buffered_until_it_answers(own_postgres):
     """With PostgreSQL hung, writes time out and records wait; after it resumes each is written once."""
-    store = Store(own_postgres.dsn, timeout=0.5)
-    await store.open()
-    await store.migrate()
+    store = await migrated_store(own_postgres.dsn, 0.5)
     recorder = ErrorRecorder(flush_interval=0.05, backoff=QUICK)
     recorder.start(store)
     try:
@@ -266,9 +268,7 @@ async def test_a_hung_postgres_keeps_records_buffered_until_it_answers(own_postg
 
 async def test_a_batch_committed_after_its_timeout_is_not_written_twice(pg_proxy, database):
     """An insert whose COMMIT landed after the deadline is retried without duplicating a row."""
-    direct = Store(database, timeout=5)
-    await direct.open()
-    await direct.migrate()
+    direct = await migrated_store(database, 5)
     store = Store(pg_proxy.dsn(database), timeout=0.5)
     await store.open()
     recorder = ErrorRecorder(flush_interval=0.05, backoff=QUICK)

@@ -14,20 +14,16 @@ from pathlib import Path
 import aiohttp
 
 from app import keys, metrics
+from app.models import Message
 from app.services import free_port
-from tests.conftest import UNLIMITED, StalledReader, wait_for_http, wait_until
+from tests.conftest import STALL_BOUNDS, UNLIMITED, StalledReader, wait_for_http, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 async def test_stalled_reader_is_dropped_while_200_others_keep_receiving(make_hearth):
     """A reader that stops reading is dropped with SLOW_CLIENT while 200 others get every message."""
-    hearth = await make_hearth(
-        HEARTH_CLIENT_QUEUE_MESSAGES="50",
-        HEARTH_SEND_TIMEOUT="2",
-        HEARTH_WS_SEND_BUFFER="16384",
-        **UNLIMITED,
-    )
+    hearth = await make_hearth(**STALL_BOUNDS, **UNLIMITED)
     drops_before = metrics.SLOW_CLIENT_DROPS._value.get()
     # Blocking socket calls run in a thread: the server shares this event loop.
     stalled = await asyncio.to_thread(StalledReader, hearth.server.port)
@@ -280,18 +276,19 @@ class Recorder:
         return frames
 
 
+def stored(seq: int) -> Message:
+    """Message *seq* of room lobby, as the store returns it."""
+    return Message(
+        id=f"m{seq}", room="lobby", sender="ann", client_msg_id=f"c{seq}", content="x",
+        created_at="2026-12-01T00:00:00.000Z", seq=seq,
+    )  # fmt: skip
+
+
 async def test_a_room_head_from_another_instance_makes_a_client_behind_it_fill_the_gap():
     """RoomHead(seq) asks the session of each subscriber behind it to read the gap from the store; the answer is delivered in order, and a client up to date is left alone."""
     from actors.hub import Deliver, Filled, Hub, Join, Registry, RoomHead, Subscribe
     from app.connection import Reply
-    from app.models import Message
     from app.protocol import Topic
-
-    def stored(seq: int) -> Message:
-        return Message(
-            id=f"m{seq}", room="lobby", sender="ann", client_msg_id=f"c{seq}", content="x",
-            created_at="2026-12-01T00:00:00.000Z", seq=seq,
-        )  # fmt: skip
 
     hub = Hub(Registry())
     behind, current = Recorder("ben"), Recorder("cid")
@@ -314,14 +311,7 @@ async def test_a_resubscribe_with_since_never_resends_what_this_connection_was_s
     """A client that resubscribes with a since older than what the hub already sent it (its resync crossed a live frame) gets each seq once: the fill skips what the socket carries already."""
     from actors.hub import Deliver, Filled, Hub, Join, Registry, Subscribe
     from app.connection import Reply
-    from app.models import Message
     from app.protocol import Topic
-
-    def stored(seq: int) -> Message:
-        return Message(
-            id=f"m{seq}", room="lobby", sender="ann", client_msg_id=f"c{seq}", content="x",
-            created_at="2026-12-01T00:00:00.000Z", seq=seq,
-        )  # fmt: skip
 
     hub = Hub(Registry())
     client = Recorder("ben")
@@ -374,7 +364,6 @@ def test_registry_and_delivery_match_a_model():
         Unsubscribe,
     )  # fmt: skip
     from app.connection import Reply
-    from app.models import Message
     from app.protocol import Topic
 
     rooms = ["r1", "r2"]

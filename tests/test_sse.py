@@ -16,7 +16,7 @@ from app import keys, metrics, sse
 from app.protocol import Topic
 from app.sse import ResumeRecord
 from app.web import drain
-from tests.conftest import UNLIMITED, StalledSocket, hung, wait_until
+from tests.conftest import STALL_BOUNDS, UNLIMITED, StalledSocket, hung, wait_until
 
 _ids = itertools.count(1)
 
@@ -294,7 +294,8 @@ async def test_a_dropped_stream_resumes_by_last_event_id_without_gaps_or_repeats
     assert status == 200
     resumed.response.close()
     streams = hearth.app[sse.STREAMS]
-    await wait_until(lambda: streams.live == 0, 10, "the dropped stream noticed")
+    open_streams = hearth.app[keys.EVENT_STREAMS]
+    await wait_until(lambda: not open_streams, 10, "the dropped stream noticed")
     streams.clock = lambda: time.monotonic() + hearth.app[keys.SETTINGS].sse_resume + 1
     async with hearth.session.get(
         hearth.server.make_url("/sse"),
@@ -345,12 +346,7 @@ class StalledStream(StalledSocket):
 
 async def test_a_stalled_sse_reader_is_dropped_while_others_keep_receiving(make_hearth):
     """An SSE reader that stops reading is dropped with SLOW_CLIENT under the WebSocket's bounds while an SSE and a WebSocket reader get every message."""
-    hearth = await make_hearth(
-        HEARTH_CLIENT_QUEUE_MESSAGES="50",
-        HEARTH_SEND_TIMEOUT="2",
-        HEARTH_WS_SEND_BUFFER="16384",
-        **UNLIMITED,
-    )
+    hearth = await make_hearth(**STALL_BOUNDS, **UNLIMITED)
     drops_before = metrics.SLOW_CLIENT_DROPS._value.get()
     stalled_ticket = await ticket(hearth, "carol")
     stalled = await asyncio.to_thread(StalledStream, hearth.server.port, stalled_ticket)
